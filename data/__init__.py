@@ -1,0 +1,23 @@
+"""Data: folder scan, stratified split, decoding, transforms and the NatureData Dataset."""
+
+from .dataset import NatureData, collate_skipping_unreadable
+from .decode import load_rgb, working_size
+from .errors import DatasetError
+from .folder import IMAGE_EXTENSIONS, resolve_folders, scan_split, stratified_split
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+
+__all__ = [
+    "NatureData",
+    "collate_skipping_unreadable",
+    "load_rgb",
+    "working_size",
+    "DatasetError",
+    "IMAGE_EXTENSIONS",
+    "resolve_folders",
+    "scan_split",
+    "stratified_split",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "build_eval_transform",
+    "build_train_transform",
+]

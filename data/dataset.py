@@ -1,0 +1,82 @@
+"""NatureData: the iNaturalist-12K folders (or any train/ + val|test/ layout) as a Dataset."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Literal
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .decode import load_rgb, working_size
+from .folder import Sample, resolve_folders, scan_split, stratified_split
+
+Split = Literal["train", "val", "test"]
+
+
+class NatureData(Dataset):
+    """One split of the data set: "train" and "val" are carved from train/ (stratified, seeded),
+    "test" is the val/ (or test/) folder, used once at the end.
+
+        >>> train = NatureData("nature_12K", "train", transform=build_train_transform(224))
+        >>> image, label = train[0]          # None instead, if the file cannot be decoded
+
+    An unreadable file is reported on stderr and its item is None; pass
+    `collate_skipping_unreadable` to the DataLoader to drop such items from the batch.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: Split,
+        transform: Callable | None = None,
+        image_size: int | None = 224,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+    ):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        folders = resolve_folders(data_dir)
+        self.classes, samples = scan_split(folders.train_dir)
+        if split == "test":
+            _, samples = scan_split(folders.test_dir, self.classes)
+            self.root = folders.test_dir
+        else:
+            train, val = stratified_split(samples, val_fraction, seed)
+            samples = train if split == "train" else val
+            self.root = folders.train_dir
+        self.split = split
+        self.samples: list[Sample] = samples
+        self.transform = transform
+        self.decode_size = working_size(image_size) if image_size else None
+
+    @property
+    def targets(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int):
+        """The decoded RGB PIL image, before transforms (raises OSError if unreadable)."""
+        return load_rgb(self.samples[index].path, self.decode_size)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            image = self.load(index)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for bad files
+            print(f"warning: skipping unreadable image '{sample.path}' ({error})", file=sys.stderr)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, sample.label
+
+
+def collate_skipping_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """default_collate without the None items of unreadable files; None if nothing is left."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    return default_collate(batch)

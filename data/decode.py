@@ -1,0 +1,61 @@
+"""Decode any image file to an RGB PIL image, small enough for the working size."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, which is several
+# times faster than a full decode followed by a resize when the target is much smaller.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def working_size(image_size: int) -> int:
+    """Shorter side images are decoded to: a margin above the crop, as in resize 256 / crop 224."""
+    return int(math.ceil(image_size * 8 / 7))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        values = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(values, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels carry arbitrary colour; put them on white like a viewer would.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str, shorter_side: int | None = None) -> Image.Image:
+    """Open path, apply its EXIF orientation, convert to RGB, and shrink so the shorter side is
+    shorter_side (never enlarged here: the transforms upsample small images if needed).
+
+    Raises OSError (or a PIL subclass of it) for files that are not readable images.
+    """
+    with warnings.catch_warnings():
+        # Huge photos are legitimate here; draft mode keeps their decode cheap.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            if shorter_side is not None and image.format == "JPEG":
+                scale = shorter_side / min(image.size)
+                if scale < 0.5:
+                    image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+    if shorter_side is not None and min(image.size) > shorter_side:
+        width, height = image.size
+        scale = shorter_side / min(width, height)
+        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return image

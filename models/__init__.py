@@ -1,0 +1,28 @@
+"""Models: the part A CNN builder and the part B backbone head swap."""
+
+from .cnn import (
+    ACTIVATION_NAMES,
+    ConvActPool,
+    SmallCNN,
+    build_cnn,
+    canonical_activation,
+    filter_counts,
+    make_activation,
+    min_image_size,
+)
+from .errors import ModelConfigError
+from .summary import ModelSummary, summarize
+
+__all__ = [
+    "ACTIVATION_NAMES",
+    "ConvActPool",
+    "SmallCNN",
+    "build_cnn",
+    "canonical_activation",
+    "filter_counts",
+    "make_activation",
+    "min_image_size",
+    "ModelConfigError",
+    "ModelSummary",
+    "summarize",
+]

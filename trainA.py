@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Part A: train a small CNN (five conv-activation-maxpool blocks, a dense layer, N-way output)
+from scratch on iNaturalist-12K, validate on 20 % of train/, test the best checkpoint on val/.
+
+    python trainA.py -e 10 -nf 64 -fo same -fs 5,5,3,3,3 -a GELU -bn true -d 0.3
+    python trainA.py --test_only --checkpoint runs/<run>/best.pt
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+from data import build_eval_transform, build_train_transform
+from models import ACTIVATION_NAMES, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
+from models.errors import ModelConfigError
+from utils.cli import OneLineParser, add_bool, choice, config_from_args, filter_org, int_or_list, number, run_cli
+from utils.config import TrainConfig, add_action_args, add_train_args
+from utils.errors import UsageError
+from utils.experiment import ModelRecipe, test_only, train_and_test
+from utils.optim import split_decay
+
+
+@dataclass(frozen=True)
+class ConfigA(TrainConfig):
+    num_blocks: int = 5
+    num_filters: int | tuple[int, ...] = 32  # first block, grown by filter_org; or one per block
+    filter_org: str | float = "double"  # same, double, half, or a growth factor per block
+    filter_size: int | tuple[int, ...] = 3  # one kernel size, or one per block
+    activation: str = "SiLU"
+    batch_norm: bool = True
+    dropout: float = 0.2  # before the output layer
+    conv_dropout: float = 0.0  # channel dropout after each block
+    dense_neurons: int = 256
+    wandb_project: str = "inat12k-partA"
+
+
+def get_args_parser() -> OneLineParser:
+    d = ConfigA()
+    parser = OneLineParser(prog="trainA.py", description="Train a 5-block CNN from scratch on iNaturalist-12K.",
+                           allow_abbrev=False)
+    group = parser.add_argument_group("model")
+    group.add_argument("-nf", "--num_filters", "--num-filters", type=int_or_list, default=d.num_filters,
+                       help="filters in the first block (grown by --filter_org), or one per block like 32,64,64,128,128 "
+                       f"(default: {d.num_filters})")
+    group.add_argument("-fo", "--filter_org", "--filter-org", type=filter_org, default=d.filter_org,
+                       help=f"filter growth per block: same, double, half or a factor like 1.5 (default: {d.filter_org})")
+    group.add_argument("-fs", "--filter_size", "--filter-size", type=int_or_list, default=d.filter_size,
+                       help=f"kernel size, one for all blocks or one per block like 5,5,3,3,3 (default: {d.filter_size})")
+    group.add_argument("-a", "--activation", type=choice(*ACTIVATION_NAMES), default=d.activation,
+                       help=f"{', '.join(ACTIVATION_NAMES)}, any case (default: {d.activation})")
+    add_bool(group, "-bn", "--batch_norm", "--batch-norm", default=d.batch_norm, help="batch norm after each conv")
+    group.add_argument("-d", "--dropout", type=number(float, 0, 1, high_open=True), default=d.dropout,
+                       help=f"dropout before the output layer (default: {d.dropout})")
+    group.add_argument("--conv_dropout", "--conv-dropout", type=number(float, 0, 1, high_open=True),
+                       default=d.conv_dropout, help=f"channel dropout after each conv block (default: {d.conv_dropout})")
+    group.add_argument("-dn", "--dense_neurons", "--dense-neurons", type=number(int, 1, 65536), default=d.dense_neurons,
+                       help=f"width of the dense layer (default: {d.dense_neurons})")
+    group.add_argument("--num_blocks", "--num-blocks", type=number(int, 1, 8), default=d.num_blocks,
+                       help=f"conv-activation-maxpool blocks (default: {d.num_blocks})")
+    add_train_args(parser, d)
+    add_action_args(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    return get_args_parser().parse_args(argv)
+
+
+def normalise(cfg: ConfigA) -> ConfigA:
+    """Lists as tuples, one-element lists as ints, canonical activation name."""
+    def tidy(value):
+        if isinstance(value, (list, tuple)):
+            return int(value[0]) if len(value) == 1 else tuple(int(v) for v in value)
+        return value
+
+    return ConfigA(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)},
+                      "num_filters": tidy(cfg.num_filters), "filter_size": tidy(cfg.filter_size),
+                      "activation": canonical_activation(cfg.activation)})
+
+
+def build_model(cfg: ConfigA, num_classes: int = 10):
+    return build_cnn(
+        num_classes=num_classes, image_size=cfg.image_size, num_filters=cfg.num_filters,
+        filter_org=cfg.filter_org, filter_size=cfg.filter_size, activation=cfg.activation,
+        batch_norm=cfg.batch_norm, dropout=cfg.dropout, conv_dropout=cfg.conv_dropout,
+        dense_neurons=cfg.dense_neurons, num_blocks=cfg.num_blocks,
+    )
+
+
+def check_config(cfg: ConfigA) -> None:
+    """Everything that can be checked without data, so a bad sweep combination fails in a second."""
+    if cfg.image_size < min_image_size(cfg.num_blocks):
+        raise UsageError(f"image_size={cfg.image_size} is too small for {cfg.num_blocks} pooling stages "
+                         f"(need >= {min_image_size(cfg.num_blocks)}); raise --image_size")
+    if cfg.image_size > 1024:
+        raise UsageError(f"image_size={cfg.image_size} is larger than this CNN can use (max 1024); lower --image_size")
+    counts = filter_counts(cfg.num_filters, cfg.filter_org, cfg.num_blocks)
+    if max(counts) > 4096:
+        raise UsageError(f"num_filters {counts} reach {max(counts)} (> 4096) per block; lower --num_filters or --filter_org")
+    sizes = [cfg.filter_size] * cfg.num_blocks if isinstance(cfg.filter_size, int) else list(cfg.filter_size)
+    if len(sizes) != cfg.num_blocks:
+        raise UsageError(f"filter_size lists {len(sizes)} sizes for {cfg.num_blocks} blocks; give one or {cfg.num_blocks}")
+    if not all(1 <= s <= 31 for s in sizes):
+        raise UsageError(f"filter_size {sizes} must be between 1 and 31")
+
+
+def run_name(cfg: ConfigA) -> str:
+    """e.g. GELU-nf64-double-fs5,5,3,3,3-bn-d0.3-aug: the hyperparameters a sweep varies."""
+    if cfg.run_name:
+        return cfg.run_name
+    if isinstance(cfg.num_filters, int):
+        filters = f"nf{cfg.num_filters}-{cfg.filter_org}"
+    else:
+        filters = "nf" + ",".join(map(str, cfg.num_filters))
+    sizes = cfg.filter_size if isinstance(cfg.filter_size, int) else ",".join(map(str, cfg.filter_size))
+    return (f"{cfg.activation}-{filters}-fs{sizes}-{'bn' if cfg.batch_norm else 'nobn'}-d{cfg.dropout:g}-"
+            f"{'aug' if cfg.data_aug else 'noaug'}-lr{cfg.lr:g}")
+
+
+def config_from_checkpoint(checkpoint: dict) -> ConfigA:
+    known = {f.name for f in fields(ConfigA)}
+    return normalise(ConfigA(**{k: v for k, v in checkpoint["config"].items() if k in known}))
+
+
+def rebuild_from_checkpoint(checkpoint: dict):
+    cfg = config_from_checkpoint(checkpoint)
+    model = build_model(cfg, len(checkpoint["class_names"]))
+    model.load_state_dict(checkpoint["model"])
+    return cfg, model, build_eval_transform(cfg.image_size)
+
+
+def explicit_flags(args, parser) -> set[str]:
+    return {name for name, value in vars(args).items() if value != parser.get_default(name)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.test_only:
+        given = explicit_flags(args, parser)
+        return test_only(args.checkpoint, "trainA", rebuild_from_checkpoint,
+                         data_dir=args.data_dir if "data_dir" in given else None, device=args.device,
+                         batch_size=args.batch_size if "batch_size" in given else None, num_workers=args.num_workers)
+    if args.resume:
+        from utils.checkpoint import load_checkpoint
+
+        saved = config_from_checkpoint(load_checkpoint(args.resume))
+        overrides = explicit_flags(args, parser) & {"data_dir", "device", "num_workers", "wandb_mode", "epochs"}
+        cfg = ConfigA(**{**{f.name: getattr(saved, f.name) for f in fields(saved)},
+                         **{name: getattr(args, name) for name in overrides}})
+    else:
+        cfg = normalise(config_from_args(ConfigA, args))
+    check_config(cfg)
+    model = build_model(cfg)
+    summary = summarize(model, (3, cfg.image_size, cfg.image_size))
+    print(f"{run_name(cfg)}\n{summary.format()}")
+    if args.dry_run:
+        return 0
+
+    recipe = ModelRecipe(
+        script="trainA",
+        build_model=lambda num_classes: build_model(cfg, num_classes),
+        param_groups=lambda m: split_decay(m.named_parameters(), cfg.lr, cfg.weight_decay),
+        train_transform=build_train_transform(cfg.image_size, cfg.data_aug),
+        eval_transform=build_eval_transform(cfg.image_size),
+    )
+    return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume,
+                          summary_text=lambda m: summarize(m, (3, cfg.image_size, cfg.image_size)).format())
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="trainA.py"))

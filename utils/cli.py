@@ -1,0 +1,142 @@
+"""Flag parsing shared by trainA.py and trainB.py.
+
+Everything here accepts what a person types and what `wandb agent` passes (`--key=value` with
+Python's str() of the value): booleans as true/True/1/yes, lists as `5,5,3` or `[5, 5, 3]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import fields
+from typing import Callable, Sequence
+
+from data import DatasetError
+from models import ModelConfigError
+
+from .errors import UsageError
+
+# Errors whose message is already the one line a user needs; anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (UsageError, DatasetError, ModelConfigError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (no usage block) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+_TRUE = {"true", "t", "yes", "y", "1", "on"}
+_FALSE = {"false", "f", "no", "n", "0", "off"}
+
+
+def str2bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"'{text}' is not a boolean; use true or false")
+
+
+def int_list(text: str) -> list[int]:
+    """'5', '5,5,3', '[5, 5, 3]', '(5 5 3)' -> list of ints."""
+    body = str(text).strip().strip("[]()").strip()
+    parts = [p for p in re.split(r"[,\s]+", body) if p]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"'{text}' is empty; give one integer or a list like 5,5,3,3,3")
+    try:
+        values = [int(float(p)) if float(p).is_integer() else _not_int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not an integer list; use one integer or a list like 5,5,3,3,3"
+        ) from None
+    return values
+
+
+def _not_int(part: str) -> int:
+    raise ValueError(part)
+
+
+def int_or_list(text: str) -> int | list[int]:
+    values = int_list(text)
+    return values[0] if len(values) == 1 else values
+
+
+def filter_org(text: str) -> str | float:
+    value = str(text).strip().lower()
+    if value in ("same", "const", "double", "half"):
+        return "same" if value == "const" else value
+    try:
+        factor = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a filter organisation; use same, double, half or a factor like 1.5"
+        ) from None
+    if factor <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be a positive factor")
+    return factor
+
+
+def choice(*choices: str) -> Callable[[str], str]:
+    """Case-insensitive choice that returns the canonical spelling and lists the valid ones."""
+    lookup = {c.lower(): c for c in choices}
+
+    def parse(text: str) -> str:
+        key = str(text).strip().lower()
+        if key not in lookup:
+            raise argparse.ArgumentTypeError(f"'{text}' is not one of {', '.join(choices)}")
+        return lookup[key]
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], int | float]:
+    """int/float parser with a range check; 1e-05, 0.0001 and '64.0' (for ints) all parse."""
+
+    def parse(text: str):
+        try:
+            value = float(text)
+            if kind is int:
+                if not value.is_integer():
+                    raise ValueError
+                value = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"{text} must be {'<' if high_open else '<='} {high}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_bool(group, *names: str, default: bool, help: str) -> None:
+    """--flag, --flag true|false|1|0|yes|no (any case), as a person or wandb agent writes it."""
+    group.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",
+                       help=f"{help} (default: {str(default).lower()})")
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    """The dataclass config from parsed flags: one spelling for flag, field and wandb key."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)})
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """Call main(argv); a user error becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,119 @@
+"""The settings both scripts share, as one frozen dataclass, and the flags that set them."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from .cli import add_bool, choice, number, str2bool
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "onecycle", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    data_dir: str = "nature_12K"
+    val_fraction: float = 0.2  # of train/, stratified by class
+    image_size: int = 224  # pixels, square crop fed to the model
+    data_aug: bool = True
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 64  # global batch (all processes together)
+    lr: float = 2e-3  # peak learning rate, reached after warmup
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    patience: int = 10  # epochs without a better val_accuracy before stopping; 0 = never
+    seed: int = 0
+    # hardware
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: str = "auto"
+    num_workers: int = -1  # -1: one per core, up to 8
+    # output and tracking
+    output_dir: str = "runs"
+    run_name: str = ""
+    wandb_mode: str = "auto"
+    wandb_project: str = "inat12k"
+    wandb_entity: str = ""
+    pictures: bool = True
+
+
+def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """Flags for every TrainConfig field, with defaults taken from `defaults`."""
+    d = defaults
+    group = parser.add_argument_group("data")
+    group.add_argument("-p", "--data_dir", "--parent_dir", "--data-dir", dest="data_dir", default=d.data_dir,
+                       metavar="DIR", help="unzipped nature_12K folder (holding inaturalist_12K/), or a folder with "
+                       f"train/ and val/ or test/ (default: {d.data_dir})")
+    group.add_argument("--val_fraction", "--val-fraction", type=number(float, 0, 1, high_open=True),
+                       default=d.val_fraction, help=f"share of train/ held out for validation, stratified (default: {d.val_fraction})")
+    group.add_argument("-is", "--image_size", "--image-size", type=number(int, 1), default=d.image_size,
+                       help=f"square input size in pixels (default: {d.image_size})")
+    add_bool(group, "-da", "--data_aug", "--data-aug", default=d.data_aug,
+             help="random resized crop, flip, rotation, colour jitter, erasing on train images")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("-e", "--epochs", type=number(int, 1), default=d.epochs, help=f"(default: {d.epochs})")
+    group.add_argument("-b", "--batch_size", "--batch-size", type=number(int, 1), default=d.batch_size,
+                       help=f"global batch size (default: {d.batch_size})")
+    group.add_argument("-lr", "--lr", "--learning_rate", type=number(float, 0, low_open=True), default=d.lr,
+                       help=f"peak learning rate (default: {d.lr})")
+    group.add_argument("-o", "--optimizer", type=choice(*OPTIMIZERS), default=d.optimizer,
+                       help=f"{', '.join(OPTIMIZERS)} (default: {d.optimizer})")
+    group.add_argument("-w_d", "--weight_decay", "--weight-decay", type=number(float, 0), default=d.weight_decay,
+                       help=f"decoupled for adamw, L2 for adam/sgd; not applied to biases and norms (default: {d.weight_decay})")
+    group.add_argument("-m", "--momentum", type=number(float, 0, 1, high_open=True), default=d.momentum,
+                       help=f"SGD momentum (default: {d.momentum})")
+    group.add_argument("--scheduler", type=choice(*SCHEDULERS), default=d.scheduler,
+                       help=f"per-step schedule after linear warmup: {', '.join(SCHEDULERS)} (default: {d.scheduler})")
+    group.add_argument("--warmup_epochs", "--warmup-epochs", type=number(float, 0), default=d.warmup_epochs,
+                       help=f"linear warmup length, fractions allowed (default: {d.warmup_epochs})")
+    group.add_argument("-ls", "--label_smoothing", "--label-smoothing", type=number(float, 0, 1, high_open=True),
+                       default=d.label_smoothing, help=f"(default: {d.label_smoothing})")
+    group.add_argument("--patience", type=number(int, 0), default=d.patience,
+                       help=f"stop after this many epochs without a better val_accuracy; 0 = never (default: {d.patience})")
+    group.add_argument("--seed", type=number(int, 0), default=d.seed, help=f"split, init and augmentation seed (default: {d.seed})")
+
+    group = parser.add_argument_group("hardware")
+    group.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    group.add_argument("--amp", type=choice(*AMP_MODES), default=d.amp,
+                       help="mixed precision: auto = bf16 on GPUs that have it else fp16, fp32 on CPU (default: auto)")
+    group.add_argument("--channels_last", "--channels-last", type=choice("auto", "true", "false"), default=d.channels_last,
+                       help="channels-last memory format: auto = on for CUDA (default: auto)")
+    group.add_argument("--num_workers", "--num-workers", type=number(int, -1), default=d.num_workers,
+                       help="data loading processes; -1 = one per core, up to 8 (default: -1)")
+
+    group = parser.add_argument_group("output and tracking")
+    group.add_argument("--output_dir", "--output-dir", default=d.output_dir,
+                       help=f"run directories are created under it (default: {d.output_dir})")
+    group.add_argument("--run_name", "--run-name", default=d.run_name,
+                       help="wandb run and run directory name (default: built from the hyperparameters)")
+    group.add_argument("--wandb_mode", "--wandb-mode", type=choice(*WANDB_MODES), default=d.wandb_mode,
+                       help="auto = online when logged in, else offline (default: auto)")
+    group.add_argument("-wp", "--wandb_project", "--wandb-project", default=d.wandb_project,
+                       help=f"(default: {d.wandb_project})")
+    group.add_argument("-we", "--wandb_entity", "--wandb-entity", default=d.wandb_entity,
+                       help="wandb user or team (default: your default entity)")
+    add_bool(group, "--pictures", default=d.pictures, help="make the prediction grid and other pictures at the end")
+    group.add_argument("--no_pictures", "--no-pictures", dest="pictures", action="store_false",
+                       help="same as --pictures false")
+
+
+def add_action_args(parser: argparse.ArgumentParser) -> None:
+    """What to do instead of a plain training run."""
+    group = parser.add_argument_group("actions")
+    group.add_argument("--dry_run", "--dry-run", type=str2bool,
+                       nargs="?", const=True, default=False, metavar="BOOL",
+                       help="check the flags, build the model, print its summary and exit without touching data")
+    group.add_argument("--resume", metavar="CKPT", default="", help="continue the run that wrote this last.pt")
+    add_bool(group, "--test_only", "--test-only", default=False,
+             help="evaluate --checkpoint on the test folder and exit")
+    group.add_argument("--checkpoint", metavar="CKPT", default="", help="checkpoint for --test_only / --predict")

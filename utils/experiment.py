@@ -1,0 +1,228 @@
+"""The wiring both scripts share: data loaders, run directory, fit(), the final test and
+--test_only. A script supplies only how to build its model and its parameter groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from data import NatureData, collate_skipping_unreadable
+
+from .checkpoint import load_checkpoint
+from .errors import UsageError
+from .optim import build_optimizer, build_scheduler
+from .runtime import autocast_dtype, default_num_workers, resolve_device, seed_everything, use_channels_last
+from .tracking import Tracker
+from .train import FitState, NonFiniteLoss, Precision, TrainingInterrupted, evaluate, fit, restore_training_state
+
+EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+@dataclass
+class ModelRecipe:
+    """What a script contributes: everything else is shared."""
+    script: str  # "trainA" / "trainB": recorded in checkpoints, checked when loading them
+    build_model: Callable[[int], nn.Module]  # num_classes -> model (weights loaded)
+    param_groups: Callable[[nn.Module], list[dict]]  # model -> optimizer groups (each with its lr)
+    train_transform: Callable
+    eval_transform: Callable
+    before_epoch: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def create_run_dir(output_dir: str, name: str) -> Path:
+    """A fresh folder output_dir/name (name-2, name-3, ... if taken); fails early if unwritable."""
+    root = Path(output_dir).expanduser()
+    safe = re.sub(r"[^A-Za-z0-9._,+=-]+", "_", name).strip("._") or "run"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 10_000):
+            run_dir = root / (safe if attempt == 1 else f"{safe}-{attempt}")
+            try:
+                run_dir.mkdir()
+            except FileExistsError:
+                continue
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            return run_dir
+    except OSError as error:
+        raise UsageError(f"cannot write to --output_dir '{root}' ({error.strerror}); choose a writable folder") from None
+    raise UsageError(f"--output_dir '{root}' already holds 10,000 runs named {safe}; pass --run_name")
+
+
+def make_loader(dataset, batch_size: int, train: bool, device: torch.device, num_workers: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=min(batch_size, len(dataset)),
+        shuffle=train,
+        # A last batch of a few images gives a noisy step (and breaks BN at size 1).
+        drop_last=train and len(dataset) > batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_skipping_unreadable,
+        generator=generator,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def make_precision(cfg) -> Precision:
+    device = resolve_device(cfg.device)
+    return Precision(device, autocast_dtype(device, cfg.amp), use_channels_last(device, cfg.channels_last))
+
+
+def prepare_model(model: nn.Module, precision: Precision) -> nn.Module:
+    model = model.to(precision.device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def report_test(stats, class_names: list[str], header: str) -> dict:
+    """Print test metrics and per-class accuracy; return them as a flat dict."""
+    per_class = dict(zip(class_names, stats.per_class_accuracy()))
+    print(f"{header}: test_loss {stats.loss:.4f}  test_accuracy {stats.accuracy:.4f}  ({stats.images} images)")
+    width = max(len(n) for n in class_names)
+    for name, accuracy in per_class.items():
+        print(f"  {name:<{width}}  {accuracy:.4f}")
+    return {"test_loss": stats.loss, "test_accuracy": stats.accuracy, "test_images": stats.images,
+            "test_per_class_accuracy": per_class}
+
+
+def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callable[[nn.Module], str] | None = None,
+                   resume: str = "", after_test: Callable | None = None) -> int:
+    """Train with fit(), then evaluate best.pt on the test folder. Returns the exit code."""
+    precision = make_precision(cfg)
+    seed_everything(cfg.seed)
+    checkpoint = load_checkpoint(resume) if resume else None
+    if checkpoint is not None:
+        check_script(checkpoint, recipe.script, resume)
+    num_workers = default_num_workers(cfg.num_workers)
+
+    common = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train_set = NatureData(cfg.data_dir, "train", recipe.train_transform, **common)
+    val_set = NatureData(cfg.data_dir, "val", recipe.eval_transform, **common)
+    test_set = NatureData(cfg.data_dir, "test", recipe.eval_transform, **common)
+    class_names = train_set.classes
+    if len(val_set) == 0:
+        raise UsageError("--val_fraction 0 leaves no validation images, which best.pt and early stopping need; "
+                         "use --val_fraction 0.2")
+    print(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
+          f"{len(class_names)} classes from {train_set.root.parent}")
+
+    run_dir = Path(resume).resolve().parent if checkpoint is not None else create_run_dir(cfg.output_dir, run_name)
+    train_loader = make_loader(train_set, cfg.batch_size, True, precision.device, num_workers, cfg.seed)
+    val_loader = make_loader(val_set, cfg.batch_size, False, precision.device, num_workers, cfg.seed)
+    test_loader = make_loader(test_set, cfg.batch_size, False, precision.device, num_workers, cfg.seed)
+
+    model = prepare_model(recipe.build_model(len(class_names)), precision)
+    if summary_text is not None:
+        (run_dir / "model_summary.txt").write_text(summary_text(model) + "\n")
+    optimizer = build_optimizer(recipe.param_groups(model), cfg.optimizer, cfg.lr, cfg.momentum)
+    steps_per_epoch = len(train_loader)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs * steps_per_epoch,
+                                round(cfg.warmup_epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
+    state = None
+    if checkpoint is not None:
+        state = restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
+        print(f"resuming {run_dir} after epoch {state.epoch} (best val_accuracy {state.best_val_accuracy:.4f})")
+
+    config = asdict(cfg)
+    write_json(run_dir / "config.json", dict(config, script=recipe.script, class_names=class_names))
+    tracker = Tracker(run_dir, config, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_entity, run_name,
+                      resume_id=checkpoint.get("wandb_run_id", "") if checkpoint else "",
+                      keep_through_epoch=state.epoch if state else None)
+    meta = {"script": recipe.script, "config": config, "class_names": class_names,
+            "wandb_run_id": tracker.run_id, "format": 1}
+    amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.autocast_dtype]
+    print(f"run directory: {run_dir}\ndevice: {precision.device} ({amp_name}"
+          f"{', channels_last' if precision.channels_last else ''}), {num_workers} data workers")
+
+    exit_code = EXIT_OK
+    try:
+        state = fit(
+            model, optimizer, scheduler, train_loader, val_loader, epochs=cfg.epochs, precision=precision,
+            loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), num_classes=len(class_names),
+            run_dir=run_dir, checkpoint_meta=meta, log_epoch=tracker.log_epoch, patience=cfg.patience,
+            seed=cfg.seed, state=state, scaler=scaler,
+            before_epoch=(lambda epoch: recipe.before_epoch(model, optimizer, epoch)) if recipe.before_epoch else None,
+        )
+    except NonFiniteLoss as error:
+        best = run_dir / "best.pt"
+        kept = f"best.pt (epoch {state.best_epoch if state else '?'}) is kept" if best.exists() else "no epoch finished, so there is no best.pt"
+        print(f"{sys.argv[0] or recipe.script}: error: {error}; training stopped, {kept} in {run_dir}; "
+              "lower --lr or use --amp off", file=sys.stderr)
+        tracker.log_summary({"diverged": True})
+        tracker.finish(exit_code=EXIT_DIVERGED)
+        return EXIT_DIVERGED
+    except TrainingInterrupted as interrupt:
+        print(f"\n{interrupt}; continue with: python {recipe.script}.py --resume {interrupt.checkpoint}",
+              file=sys.stderr)
+        tracker.finish(exit_code=EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+
+    best = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    test = evaluate(model, test_loader, precision, len(class_names), desc="test", keep_predictions=True)
+    results = report_test(test, class_names, f"best.pt (epoch {state.best_epoch}, val_accuracy "
+                                               f"{state.best_val_accuracy:.4f})")
+    results.update(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy)
+    write_json(run_dir / "test_metrics.json", results)
+    tracker.log_summary({k: v for k, v in results.items() if not isinstance(v, dict)})
+    tracker.log_summary({f"test_accuracy/{k}": v for k, v in results["test_per_class_accuracy"].items()})
+    if after_test is not None:
+        after_test(model=model, precision=precision, test_set=test_set, test_stats=test, run_dir=run_dir,
+                   tracker=tracker, class_names=class_names)
+    tracker.finish()
+    print(f"saved {run_dir}/best.pt, last.pt, metrics.csv, config.json, test_metrics.json")
+    return exit_code
+
+
+def check_script(checkpoint: dict, script: str, path: str) -> None:
+    if checkpoint.get("script") != script:
+        raise UsageError(f"checkpoint '{path}' was written by {checkpoint.get('script')}.py; "
+                         f"use it with that script, not {script}.py")
+
+
+def test_only(checkpoint_path: str, script: str, rebuild: Callable[[dict], tuple[object, nn.Module, Callable]],
+              data_dir: str | None, device: str, batch_size: int | None, num_workers: int) -> int:
+    """Evaluate a checkpoint on the test folder using only what the checkpoint carries.
+
+    rebuild(checkpoint) -> (config, model with weights, eval transform).
+    """
+    if not checkpoint_path:
+        raise UsageError("--test_only needs --checkpoint PATH (a best.pt or last.pt)")
+    checkpoint = load_checkpoint(checkpoint_path)
+    check_script(checkpoint, script, checkpoint_path)
+    cfg, model, eval_transform = rebuild(checkpoint)
+    precision = Precision(resolve_device(device), autocast_dtype(resolve_device(device), cfg.amp),
+                          use_channels_last(resolve_device(device), cfg.channels_last))
+    test_set = NatureData(data_dir or cfg.data_dir, "test", eval_transform, image_size=cfg.image_size)
+    if test_set.classes != list(checkpoint["class_names"]):
+        raise UsageError(f"the test folder's classes {test_set.classes} differ from the checkpoint's "
+                         f"{checkpoint['class_names']}; point --data_dir at the data set it was trained on")
+    loader = make_loader(test_set, batch_size or cfg.batch_size, False, precision.device,
+                         default_num_workers(num_workers), 0)
+    model = prepare_model(model, precision)
+    started = time.perf_counter()
+    stats = evaluate(model, loader, precision, len(test_set.classes), desc="test")
+    report_test(stats, test_set.classes, f"{checkpoint_path} (epoch {checkpoint.get('epoch')})")
+    print(f"evaluated in {time.perf_counter() - started:.1f}s")
+    return EXIT_OK
