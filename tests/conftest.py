@@ -1,0 +1,86 @@
+"""Fixtures: tiny image folders written to tmp_path, so no test needs the real data set."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Each class is a distinct colour with noise and a random size, so a tiny CNN can learn it
+# and every image file differs.
+CLASS_COLOURS = {"amphibia": (200, 40, 40), "fungi": (40, 180, 60), "insecta": (50, 60, 210), "mammalia": (220, 200, 40)}
+
+
+def write_image(path: Path, colour, size=(48, 40), seed=0, mode="RGB", fmt=None) -> Path:
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+def make_dataset(root: Path, classes=("amphibia", "fungi", "insecta"), train_per_class=10, test_per_class=4,
+                 test_name="val", nested: bool = False, seed: int = 0) -> Path:
+    """root[/inaturalist_12K]/{train,val}/<class>/*.jpg with varied sizes; returns root."""
+    base = root / "inaturalist_12K" if nested else root
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), (test_name, test_per_class)):
+        for c, name in enumerate(classes):
+            for i in range(count):
+                size = (int(rng.integers(36, 70)), int(rng.integers(36, 70)))
+                write_image(base / split / name / f"{name}_{i:03d}.jpg", CLASS_COLOURS[name], size,
+                            seed=seed * 100_000 + (0 if split == "train" else 50_000) + c * 1000 + i)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_offline_env(monkeypatch, tmp_path):
+    """No test may reach wandb's servers or read the developer's credentials."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+
+
+# Small, fast settings for end-to-end runs through the real scripts.
+TINY_ARGS = ["-is", "32", "-nf", "4", "-fo", "same", "-dn", "16", "-b", "8", "--num_workers", "0",
+             "--wandb_mode", "disabled", "--amp", "off", "--channels_last", "false", "--no_pictures"]
+
+
+def run_script(script: str, *args: str, timeout: int = 300, env_extra: dict | None = None):
+    """Run a script as a user would (subprocess), returning CompletedProcess."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(result, *needles: str, code: int = 2) -> None:
+    """Exit code, exactly one line on stderr naming the thing, and no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

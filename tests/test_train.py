@@ -1,0 +1,152 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainA
+import utils.train
+from conftest import TINY_ARGS, make_dataset
+from utils.train import NonFiniteLoss, Precision, fit
+
+
+def run_dir_of(output: Path) -> Path:
+    (run_dir,) = [p for p in output.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_run_leaves_a_complete_run_directory(tiny_data, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = trainA.main(["--data_dir", str(tiny_data), "-e", "2", "--output_dir", str(out), *TINY_ARGS])
+    assert code == 0
+    run_dir = run_dir_of(out)
+    for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "test_metrics.json", "model_summary.txt"):
+        assert (run_dir / name).is_file(), name
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"}
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["class_names"] == ["amphibia", "fungi", "insecta"]
+    assert best["config"]["num_filters"] == 4 and best["script"] == "trainA"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["image_size"] == 32 and config["class_names"] == best["class_names"]
+    results = json.loads((run_dir / "test_metrics.json").read_text())
+    assert results["test_images"] == 12
+    printed = capsys.readouterr().out
+    assert f"test_accuracy {results['test_accuracy']:.4f}" in printed
+
+    # --test_only needs nothing but the checkpoint and reproduces the reported accuracy.
+    code = trainA.main(["--test_only", "--checkpoint", str(run_dir / "best.pt"), "--num_workers", "0"])
+    assert code == 0
+    assert f"test_accuracy {results['test_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_offline_wandb_run_logs_and_writes_local_files(tiny_data, tmp_path):
+    out = tmp_path / "runs"
+    args = [a if a != "disabled" else "offline" for a in TINY_ARGS]
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *args]) == 0
+    run_dir = run_dir_of(out)
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(read_metrics(run_dir)) == 1
+
+
+class SimulatedKill(BaseException):
+    """Stands in for SIGKILL: nothing in fit() may catch it or save on the way out."""
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    common = ["--data_dir", str(tiny_data), "-e", "3", *TINY_ARGS, "-da", "true", "--seed", "5"]
+    assert trainA.main([*common, "--output_dir", str(tmp_path / "full")]) == 0
+    full = read_metrics(run_dir_of(tmp_path / "full"))
+
+    real = utils.train.train_one_epoch
+
+    def dies_in_epoch_3(*args, **kwargs):
+        if kwargs.get("epoch", args[7] if len(args) > 7 else None) == 3:
+            raise SimulatedKill
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.train, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(SimulatedKill):
+        trainA.main([*common, "--output_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(utils.train, "train_one_epoch", real)
+    run_dir = run_dir_of(tmp_path / "cut")
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2
+    assert trainA.main(["--resume", str(run_dir / "last.pt"), "--num_workers", "0"]) == 0
+    resumed = read_metrics(run_dir)
+    keys = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+
+def test_ctrl_c_saves_last_pt_and_exits_130(tiny_data, tmp_path, monkeypatch, capsys):
+    real = utils.train.train_one_epoch
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        if args[7] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.train, "train_one_epoch", interrupted_in_epoch_2)
+    code = trainA.main(["--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS])
+    assert code == 130
+    run_dir = run_dir_of(tmp_path / "runs")
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["interrupted"] is True and last["epoch"] == 1
+    err = capsys.readouterr().err
+    assert "interrupted during epoch 2" in err and f"--resume {run_dir / 'last.pt'}" in err
+    monkeypatch.setattr(utils.train, "train_one_epoch", real)
+    assert trainA.main(["--resume", str(run_dir / "last.pt"), "--num_workers", "0"]) == 0
+    assert [r["epoch"] for r in read_metrics(run_dir)] == ["1", "2", "3"]
+
+
+class NaNAfter(torch.nn.Module):
+    """Cross-entropy that turns NaN from a given call on, like a diverging run."""
+
+    def __init__(self, bad_from_call: int):
+        super().__init__()
+        self.calls, self.bad_from_call = 0, bad_from_call
+
+    def forward(self, logits, targets):
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if self.calls >= self.bad_from_call else loss
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    data = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(5)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(NonFiniteLoss) as info:
+        fit(model, optimizer, scheduler, data, data[:2], epochs=3, precision=Precision(torch.device("cpu")),
+            loss_fn=NaNAfter(8), num_classes=3, run_dir=tmp_path, checkpoint_meta={"config": {}},
+            log_epoch=lambda m: None)
+    assert (info.value.epoch, info.value.step) == (2, 3)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_huge_learning_rate_run_stops_cleanly(tiny_data, tmp_path, capsys):
+    code = trainA.main(["--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(tmp_path), *TINY_ARGS,
+                        "-lr", "1e12", "--optimizer", "sgd", "-bn", "false", "--warmup_epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "loss became NaN/inf at epoch 1, step" in err and "lower --lr" in err
+
+
+def test_learns_an_easy_task_well_above_chance(tmp_path):
+    data = make_dataset(tmp_path / "easy", classes=("amphibia", "fungi", "insecta", "mammalia"),
+                        train_per_class=24, test_per_class=8)
+    out = tmp_path / "runs"
+    args = [a if a != "4" else "8" for a in TINY_ARGS]  # 8 filters
+    assert trainA.main(["--data_dir", str(data), "-e", "6", "--output_dir", str(out), *args, "-da", "false",
+                        "-lr", "3e-3"]) == 0
+    results = json.loads((run_dir_of(out) / "test_metrics.json").read_text())
+    assert results["test_accuracy"] >= 0.75, results  # chance is 0.25
