@@ -15,7 +15,8 @@ from typing import Sequence
 from data import build_eval_transform, build_train_transform
 from models import ACTIVATION_NAMES, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
 from models.errors import ModelConfigError
-from utils.cli import OneLineParser, add_bool, choice, config_from_args, filter_org, int_or_list, number, run_cli
+from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
+from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args
 from utils.errors import UsageError
 from utils.experiment import ModelRecipe, test_only, train_and_test
@@ -64,8 +65,16 @@ def get_args_parser() -> OneLineParser:
     return parser
 
 
+# Flags whose combinations decide whether the model builds (checked jointly by sweep_check).
+SHAPE_FIELDS = ("num_blocks", "num_filters", "filter_org", "filter_size", "image_size", "dense_neurons")
+
+
 def parse_args(argv: Sequence[str] | None = None):
     return get_args_parser().parse_args(argv)
+
+
+def config_from_args(args) -> ConfigA:
+    return normalise(_config_from_args(ConfigA, args))
 
 
 def normalise(cfg: ConfigA) -> ConfigA:
@@ -151,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = ConfigA(**{**{f.name: getattr(saved, f.name) for f in fields(saved)},
                          **{name: getattr(args, name) for name in overrides}})
     else:
-        cfg = normalise(config_from_args(ConfigA, args))
+        cfg = config_from_args(args)
     check_config(cfg)
     model = build_model(cfg)
     summary = summarize(model, (3, cfg.image_size, cfg.image_size))

@@ -5,7 +5,7 @@ from conftest import assert_one_line_error, run_script
 
 
 def parse(*argv):
-    return trainA.normalise(trainA.config_from_args(trainA.ConfigA, trainA.parse_args(list(argv))))
+    return trainA.config_from_args(trainA.parse_args(list(argv)))
 
 
 @pytest.mark.parametrize("text,expected", [("true", True), ("True", True), ("1", True), ("YES", True), ("on", True),
