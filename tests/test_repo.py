@@ -27,7 +27,7 @@ def test_requirements_have_lower_bounds_only():
     assert wanted <= listed
 
 
-@pytest.mark.parametrize("script", ["trainA"])
+@pytest.mark.parametrize("script", ["trainA", "trainB"])
 def test_readme_documents_every_flag_with_its_default(script):
     module = __import__(script)
     parser = module.get_args_parser()

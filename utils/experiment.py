@@ -126,12 +126,13 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
     print(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
           f"{len(class_names)} classes from {train_set.root.parent}")
 
-    run_dir = Path(resume).resolve().parent if checkpoint is not None else create_run_dir(cfg.output_dir, run_name)
     train_loader = make_loader(train_set, cfg.batch_size, True, precision.device, num_workers, cfg.seed)
     val_loader = make_loader(val_set, cfg.batch_size, False, precision.device, num_workers, cfg.seed)
     test_loader = make_loader(test_set, cfg.batch_size, False, precision.device, num_workers, cfg.seed)
 
+    # Build (and download) the model before creating the run directory, so a failure leaves nothing.
     model = prepare_model(recipe.build_model(len(class_names)), precision)
+    run_dir = Path(resume).resolve().parent if checkpoint is not None else create_run_dir(cfg.output_dir, run_name)
     if summary_text is not None:
         (run_dir / "model_summary.txt").write_text(summary_text(model) + "\n")
     optimizer = build_optimizer(recipe.param_groups(model), cfg.optimizer, cfg.lr, cfg.momentum)

@@ -1,0 +1,255 @@
+"""Part B: a torchvision classifier with a new N-way head, and stage-wise freezing.
+
+    >>> net = build_finetune_model("resnet50", num_classes=10, weights="DEFAULT")
+    >>> net.freeze_upto("layer2")        # conv1, layer1, layer2 frozen (inclusive, like timm)
+    >>> net.freeze_upto(FREEZE_ALL)      # only the new head trains
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import ModelConfigError
+
+FREEZE_ALL = "all"
+
+
+@dataclass(frozen=True)
+class Family:
+    prefix: str
+    head: str  # path of the final Linear layer
+    stages: str  # how the backbone splits into stages, in forward order
+
+
+# Longest prefix first, so mobilenet_v3 wins over mobilenet.
+FAMILIES = (
+    Family("wide_resnet", "fc", "resnet"),
+    Family("resnext", "fc", "resnet"),
+    Family("resnet", "fc", "resnet"),
+    Family("regnet", "fc", "regnet"),
+    Family("efficientnet", "classifier.1", "features"),
+    Family("mobilenet_v2", "classifier.1", "features"),
+    Family("mobilenet_v3", "classifier.3", "features"),
+    Family("convnext", "classifier.2", "features"),
+    Family("densenet", "classifier", "features"),
+    Family("swin", "head", "features"),
+    Family("vit", "heads.head", "vit"),
+)
+SUPPORTED = "resnet*, resnext*, wide_resnet*, regnet*, efficientnet*, mobilenet_v2/v3*, convnext*, densenet*, swin*, vit_*"
+
+
+def find_family(arch: str) -> Family:
+    known = set(torchvision.models.list_models(module=torchvision.models))
+    if arch not in known:
+        raise ModelConfigError(f"unknown --arch '{arch}'; use a torchvision classification model such as "
+                               f"resnet50, efficientnet_b0, convnext_tiny or vit_b_16 ({SUPPORTED})")
+    for family in FAMILIES:
+        if arch.startswith(family.prefix):
+            return family
+    raise ModelConfigError(f"--arch {arch} has no known head to replace; supported families: {SUPPORTED}")
+
+
+def resolve_weights(arch: str, weights: str):
+    """--weights value -> a torchvision WeightsEnum member, None (random init), or a file Path."""
+    if weights.lower() in ("none", "random", ""):
+        return None
+    enum = torchvision.models.get_model_weights(arch)
+    if weights.upper() == "DEFAULT":
+        return enum.DEFAULT
+    if weights.upper() in enum.__members__:
+        return enum[weights.upper()]
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return path
+    names = ", ".join(m for m in enum.__members__)
+    raise ModelConfigError(f"--weights {weights} is neither a weights name for {arch} ({names}, none) nor an existing file")
+
+
+def _load_pretrained(arch: str, weights) -> nn.Module:
+    model = torchvision.models.get_model(arch, weights=None)
+    if weights is None:
+        return model
+    if isinstance(weights, Path):
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any failure here means "not a usable weights file"
+            raise ModelConfigError(f"--weights {weights}: not a loadable state dict ({str(error).splitlines()[0][:100]})") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:
+            raise ModelConfigError(f"--weights {weights} does not fit {arch} (its keys or shapes differ); "
+                                   f"pass the file of the torchvision {arch} ImageNet weights") from None
+        return model
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        file_name = os.path.basename(weights.url)
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        reason = getattr(error, "reason", None) or str(error).splitlines()[0]
+        raise WeightsUnavailable(
+            f"could not download {weights} ({str(reason)[:80]}); place {file_name} from {weights.url} at {cache}, "
+            "or pass --weights PATH, or --weights none to train from random init"
+        ) from None
+    model.load_state_dict(state)
+    return model
+
+
+class WeightsUnavailable(ModelConfigError):
+    """Pretrained weights could not be fetched; never silently replaced by random ones."""
+
+
+def make_head(in_features: int, num_classes: int, kind: str = "linear", hidden: int = 512,
+              dropout: float = 0.0) -> nn.Module:
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes)) if dropout > 0 \
+            else nn.Linear(in_features, num_classes)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                             nn.Linear(hidden, num_classes))
+    raise ModelConfigError(f"unknown --head '{kind}'; choose linear or mlp")
+
+
+class FineTuneNet(nn.Module):
+    """A torchvision classifier whose head was replaced; knows its stages and what is frozen.
+
+    Frozen modules stay in eval() whatever train() is called with: frozen BatchNorm must not
+    update its running statistics, or the frozen features drift under the head.
+    """
+
+    def __init__(self, net: nn.Module, arch: str, family: Family):
+        super().__init__()
+        self.net = net
+        self.arch = arch
+        self.family = family
+        self.frozen: list[str] = []  # module paths (in self.net) held frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.get_submodule(self.family.head)
+
+    def stages(self) -> list[tuple[str, list[str]]]:
+        """(stage name, module paths) in forward order, e.g. ("layer2", ["layer2"])."""
+        net, kind = self.net, self.family.stages
+        if kind == "resnet":
+            return [("conv1", ["conv1", "bn1"])] + [(f"layer{i}", [f"layer{i}"]) for i in range(1, 5)]
+        if kind == "regnet":
+            return [("stem", ["stem"])] + [(f"trunk_output.{n}", [f"trunk_output.{n}"])
+                                           for n, _ in net.trunk_output.named_children()]
+        if kind == "vit":
+            return [("conv_proj", ["conv_proj"])] + [(f"encoder.layers.{n}", [f"encoder.layers.{n}"])
+                                                     for n, _ in net.encoder.layers.named_children()]
+        return [(f"features.{n}", [f"features.{n}"]) for n, _ in net.features.named_children()]
+
+    def stage_names(self) -> list[str]:
+        return [name for name, _ in self.stages()]
+
+    def _paths_outside_head(self) -> list[str]:
+        """Every module path that does not hold the head, as high up the tree as possible."""
+        paths, head = [], self.family.head
+
+        def walk(module: nn.Module, prefix: str) -> None:
+            for name, child in module.named_children():
+                path = f"{prefix}{name}"
+                if path == head:
+                    continue
+                if head.startswith(path + "."):
+                    walk(child, path + ".")
+                else:
+                    paths.append(path)
+
+        walk(self.net, "")
+        return paths
+
+    def freeze_upto(self, stage: str | None) -> None:
+        """Freeze every stage up to and including `stage`; FREEZE_ALL freezes all but the head;
+        None unfreezes everything. The head always stays trainable."""
+        for param in self.net.parameters():
+            param.requires_grad_(True)
+        if stage is None:
+            self.frozen = []
+        elif stage == FREEZE_ALL:
+            self.frozen = self._paths_outside_head()
+            for param in self.net.parameters(recurse=False):  # e.g. a ViT's class token
+                param.requires_grad_(False)
+        else:
+            names = self.stage_names()
+            short = {n.rsplit(".", 1)[-1]: n for n in names}
+            stage = short.get(stage, stage)
+            if stage not in names:
+                raise ModelConfigError(f"--freeze_upto {stage} is not a stage of {self.arch}; choose one of "
+                                       f"{', '.join(names)}")
+            upto = names.index(stage)
+            self.frozen = [path for _, paths in self.stages()[: upto + 1] for path in paths]
+        for path in self.frozen:
+            for param in self.net.get_submodule(path).parameters():
+                param.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "FineTuneNet":
+        super().train(mode)
+        for path in self.frozen:
+            self.net.get_submodule(path).eval()
+        return self
+
+    def parameter_groups(self, lr: float, backbone_lr: float, lr_decay: float = 1.0,
+                         include_frozen: bool = False) -> list[tuple[str, float, list[tuple[str, nn.Parameter]]]]:
+        """(group name, lr, named parameters): the head at lr, each backbone stage at
+        backbone_lr * lr_decay**k (k = 0 for the last stage, growing towards the input), and
+        parameters in no stage at backbone_lr. Frozen parameters are left out unless
+        include_frozen (for strategies that unfreeze later)."""
+        def wanted(param: nn.Parameter) -> bool:
+            return include_frozen or param.requires_grad
+
+        seen: set[int] = set()
+        groups = []
+        head = [(f"{self.family.head}.{n}", p) for n, p in self.head.named_parameters() if wanted(p)]
+        seen.update(id(p) for _, p in self.head.named_parameters())
+        groups.append(("head", lr, head))
+        for depth, (name, paths) in enumerate(reversed(self.stages())):
+            params = [(f"{path}.{n}", p) for path in paths for n, p in self.net.get_submodule(path).named_parameters()]
+            seen.update(id(p) for _, p in params)
+            groups.append((name, backbone_lr * lr_decay**depth, [(n, p) for n, p in params if wanted(p)]))
+        rest = [(n, p) for n, p in self.net.named_parameters() if id(p) not in seen and wanted(p)]
+        groups.append(("other", backbone_lr, rest))
+        return [g for g in groups if g[2]]
+
+    def count_parameters(self) -> tuple[int, int]:
+        """(trainable, frozen) parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters()) - trainable
+
+
+def build_finetune_model(arch: str = "resnet50", num_classes: int = 10, weights: str = "DEFAULT",
+                         head: str = "linear", head_hidden: int = 512, head_dropout: float = 0.0) -> FineTuneNet:
+    """Load arch with weights (a name, 'none' or a file) and give it a new num_classes head."""
+    family = find_family(arch)
+    net = _load_pretrained(arch, resolve_weights(arch, weights))
+    old = net.get_submodule(family.head)
+    if not isinstance(old, nn.Linear):
+        raise ModelConfigError(f"--arch {arch}: expected a Linear head at {family.head}, found {type(old).__name__}")
+    parent_path, _, leaf = family.head.rpartition(".")
+    parent = net.get_submodule(parent_path) if parent_path else net
+    setattr(parent, leaf, make_head(old.in_features, num_classes, head, head_hidden, head_dropout))
+    # The head's path may now point at a Sequential; keep pointing at the module we set.
+    return FineTuneNet(net, arch, family)
+
+
+def weights_eval_preset(arch: str, weights: str) -> dict | None:
+    """crop_size, resize_size, mean and std of the weights' own eval transform (None for none/PATH)."""
+    resolved = resolve_weights(arch, weights)
+    if resolved is None or isinstance(resolved, Path):
+        return None
+    preset = resolved.transforms()
+    return {"crop_size": int(preset.crop_size[0]), "resize_size": int(preset.resize_size[0]),
+            "mean": tuple(preset.mean), "std": tuple(preset.std)}

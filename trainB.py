@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Part B: fine-tune an ImageNet-pretrained torchvision model (ResNet50 by default) on
+iNaturalist-12K by replacing its head with an N-way one, with a choice of freezing strategies.
+
+    python trainB.py --strategy freeze_all                        # only the new head trains
+    python trainB.py --strategy freeze_upto --freeze_upto layer2  # conv1..layer2 frozen
+    python trainB.py --strategy gradual --head_epochs 2           # head first, then everything
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family, resolve_weights, weights_eval_preset
+from utils.checkpoint import load_checkpoint
+from utils.cli import OneLineParser, choice, number, run_cli
+from utils.cli import config_from_args as _config_from_args
+from utils.config import TrainConfig, add_action_args, add_train_args
+from utils.errors import UsageError
+from utils.experiment import ModelRecipe, test_only, train_and_test
+from utils.optim import split_decay
+
+STRATEGIES = ("freeze_all", "freeze_upto", "full", "gradual")
+
+
+@dataclass(frozen=True)
+class ConfigB(TrainConfig):
+    arch: str = "resnet50"
+    weights: str = "DEFAULT"  # torchvision weights name, none, or a file
+    strategy: str = "gradual"
+    freeze_upto: str = "layer2"  # used by --strategy freeze_upto
+    head: str = "linear"
+    head_hidden: int = 512
+    head_dropout: float = 0.0
+    head_epochs: int = 2  # gradual: epochs with only the head training
+    backbone_lr: float = 1e-4  # peak lr of the unfrozen backbone
+    lr_decay: float = 1.0  # backbone stage k from the top gets backbone_lr * lr_decay**k
+    # overrides of the shared defaults: fine-tuning converges in fewer epochs
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    patience: int = 5
+    wandb_project: str = "inat12k-partB"
+
+
+SHAPE_FIELDS = ("arch", "strategy", "freeze_upto", "head", "image_size")
+
+
+def get_args_parser() -> OneLineParser:
+    d = ConfigB()
+    parser = OneLineParser(prog="trainB.py", allow_abbrev=False,
+                           description="Fine-tune an ImageNet-pretrained torchvision model on iNaturalist-12K.")
+    group = parser.add_argument_group("model")
+    group.add_argument("--arch", default=d.arch,
+                       help=f"torchvision model: resnet*, efficientnet*, convnext*, vit_*, ... (default: {d.arch})")
+    group.add_argument("--weights", default=d.weights,
+                       help="IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, none, or a state-dict file (default: DEFAULT)")
+    group.add_argument("-s", "--strategy", type=choice(*STRATEGIES), default=d.strategy,
+                       help=f"{', '.join(STRATEGIES)} (default: {d.strategy})")
+    group.add_argument("--freeze_upto", "--freeze-upto", default=d.freeze_upto,
+                       help="last frozen stage for --strategy freeze_upto, inclusive: conv1, layer1..layer4 for "
+                       f"ResNets (default: {d.freeze_upto})")
+    group.add_argument("--head", type=choice("linear", "mlp"), default=d.head,
+                       help=f"new classifier: linear, or mlp (hidden layer, ReLU, dropout) (default: {d.head})")
+    group.add_argument("--head_hidden", "--head-hidden", type=number(int, 1, 65536), default=d.head_hidden,
+                       help=f"hidden width of the mlp head (default: {d.head_hidden})")
+    group.add_argument("--head_dropout", "--head-dropout", type=number(float, 0, 1, high_open=True),
+                       default=d.head_dropout, help=f"dropout in the head (default: {d.head_dropout})")
+    group.add_argument("--head_epochs", "--head-epochs", type=number(int, 0), default=d.head_epochs,
+                       help=f"gradual: epochs that train only the head before unfreezing (default: {d.head_epochs})")
+    group.add_argument("-blr", "--backbone_lr", "--backbone-lr", type=number(float, 0, low_open=True),
+                       default=d.backbone_lr, help=f"peak lr of unfrozen backbone layers (default: {d.backbone_lr})")
+    group.add_argument("--lr_decay", "--lr-decay", type=number(float, 0, 1, low_open=True), default=d.lr_decay,
+                       help="per-stage lr factor going down the backbone, 1 = same lr everywhere (default: 1.0)")
+    add_train_args(parser, d)
+    add_action_args(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    return get_args_parser().parse_args(argv)
+
+
+def config_from_args(args) -> ConfigB:
+    return _config_from_args(ConfigB, args)
+
+
+def initial_freeze(cfg: ConfigB) -> str | None:
+    return {"freeze_all": FREEZE_ALL, "gradual": FREEZE_ALL, "freeze_upto": cfg.freeze_upto, "full": None}[cfg.strategy]
+
+
+def build_model(cfg: ConfigB, num_classes: int = 10, weights: str | None = None) -> FineTuneNet:
+    """The model with the strategy's initial freezing applied (weights: override cfg.weights)."""
+    model = build_finetune_model(cfg.arch, num_classes, cfg.weights if weights is None else weights,
+                                 cfg.head, cfg.head_hidden, cfg.head_dropout)
+    model.freeze_upto(initial_freeze(cfg))
+    return model
+
+
+def check_config(cfg: ConfigB) -> None:
+    """Checks that need no data and no download: arch, weights name, stage name, input size."""
+    family = find_family(cfg.arch)
+    resolve_weights(cfg.arch, cfg.weights)
+    if cfg.image_size < 32:
+        raise UsageError(f"image_size={cfg.image_size} is too small for {cfg.arch} (need >= 32); raise --image_size")
+    if family.prefix == "vit" and cfg.image_size != 224:
+        raise UsageError(f"--arch {cfg.arch} takes only 224x224 inputs (fixed position embeddings); use --image_size 224")
+    if cfg.strategy == "gradual" and cfg.head_epochs >= cfg.epochs:
+        raise UsageError(f"--head_epochs {cfg.head_epochs} leaves no epoch to fine-tune the backbone "
+                         f"(--epochs {cfg.epochs}); lower --head_epochs or raise --epochs")
+    build_structure(cfg)
+
+
+def build_structure(cfg: ConfigB) -> FineTuneNet:
+    """The model without weights, for checks: on the meta device (no memory, instant) where the
+    architecture's constructor allows it, else on the CPU."""
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, weights="none")
+    except NotImplementedError:  # e.g. regnet reads tensor values while it is built
+        return build_model(cfg, weights="none")
+
+
+def run_name(cfg: ConfigB) -> str:
+    if cfg.run_name:
+        return cfg.run_name
+    strategy = f"freeze_upto_{cfg.freeze_upto}" if cfg.strategy == "freeze_upto" else cfg.strategy
+    head = cfg.head if cfg.head == "linear" else f"mlp{cfg.head_hidden}"
+    backbone = "" if cfg.strategy == "freeze_all" else f"-blr{cfg.backbone_lr:g}"
+    return f"{cfg.arch}-{strategy}-{head}-lr{cfg.lr:g}{backbone}"
+
+
+def eval_transform(cfg: ConfigB):
+    """The weights' own preset (resize/crop ratio, mean/std), scaled to --image_size."""
+    preset = weights_eval_preset(cfg.arch, cfg.weights) if not cfg.weights.lower() == "none" else None
+    if preset is None:
+        return build_eval_transform(cfg.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    resize = round(cfg.image_size * preset["resize_size"] / preset["crop_size"])
+    return build_eval_transform(cfg.image_size, resize, preset["mean"], preset["std"])
+
+
+def param_groups(model: FineTuneNet, cfg: ConfigB) -> list[dict]:
+    groups = []
+    for name, lr, named in model.parameter_groups(cfg.lr, cfg.backbone_lr, cfg.lr_decay,
+                                                  include_frozen=cfg.strategy == "gradual"):
+        groups.extend(split_decay(named, lr, cfg.weight_decay, name=f"{name}."))
+    return groups
+
+
+def unfreeze_after_head_epochs(cfg: ConfigB):
+    def before_epoch(model: FineTuneNet, optimizer, epoch: int) -> None:
+        if cfg.strategy == "gradual" and epoch > cfg.head_epochs and model.frozen:
+            model.freeze_upto(None)
+            trainable, _ = model.count_parameters()
+            print(f"epoch {epoch}: backbone unfrozen, {trainable:,} parameters train "
+                  f"(head lr {cfg.lr:g}, backbone lr {cfg.backbone_lr:g})")
+    return before_epoch
+
+
+def config_from_checkpoint(checkpoint: dict) -> ConfigB:
+    known = {f.name for f in fields(ConfigB)}
+    return ConfigB(**{k: v for k, v in checkpoint["config"].items() if k in known})
+
+
+def rebuild_from_checkpoint(checkpoint: dict):
+    """No download: the architecture comes from the config, the weights from the checkpoint."""
+    cfg = config_from_checkpoint(checkpoint)
+    model = build_finetune_model(cfg.arch, len(checkpoint["class_names"]), "none", cfg.head, cfg.head_hidden,
+                                 cfg.head_dropout)
+    model.load_state_dict(checkpoint["model"])
+    return cfg, model, eval_transform(cfg)
+
+
+def explicit_flags(args, parser) -> set[str]:
+    return {name for name, value in vars(args).items() if value != parser.get_default(name)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.test_only:
+        given = explicit_flags(args, parser)
+        return test_only(args.checkpoint, "trainB", rebuild_from_checkpoint,
+                         data_dir=args.data_dir if "data_dir" in given else None, device=args.device,
+                         batch_size=args.batch_size if "batch_size" in given else None, num_workers=args.num_workers)
+    if args.resume:
+        saved = config_from_checkpoint(load_checkpoint(args.resume))
+        overrides = explicit_flags(args, parser) & {"data_dir", "device", "num_workers", "wandb_mode", "epochs"}
+        cfg = ConfigB(**{**{f.name: getattr(saved, f.name) for f in fields(saved)},
+                         **{name: getattr(args, name) for name in overrides}})
+    else:
+        cfg = config_from_args(args)
+    check_config(cfg)
+    print(run_name(cfg))
+    if args.dry_run:
+        model = build_structure(cfg)
+        trainable, frozen = model.count_parameters()
+        print(f"{cfg.arch}, strategy {cfg.strategy}: {trainable:,} trainable and {frozen:,} frozen parameters")
+        return 0
+
+    # With --resume the weights come from last.pt: skip the download.
+    weights = "none" if args.resume else None
+    recipe = ModelRecipe(
+        script="trainB",
+        build_model=lambda num_classes: build_model(cfg, num_classes, weights),
+        param_groups=lambda model: param_groups(model, cfg),
+        train_transform=build_train_transform(cfg.image_size, cfg.data_aug),
+        eval_transform=eval_transform(cfg),
+        before_epoch=unfreeze_after_head_epochs(cfg),
+    )
+
+    def describe(model: FineTuneNet) -> str:
+        trainable, frozen = model.count_parameters()
+        text = (f"{cfg.arch} ({cfg.weights}), head {cfg.head}, strategy {cfg.strategy}: "
+                f"{trainable:,} parameters train, {frozen:,} frozen")
+        print(text)
+        return text
+
+    return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume, summary_text=describe)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="trainB.py"))
