@@ -2,6 +2,7 @@
 
 from .dataset import NatureData, collate_skipping_unreadable
 from .decode import load_rgb, working_size
+from .download import DEFAULT_URL, ensure_dataset
 from .errors import DatasetError
 from .folder import IMAGE_EXTENSIONS, resolve_folders, scan_split, stratified_split
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
@@ -11,6 +12,8 @@ __all__ = [
     "collate_skipping_unreadable",
     "load_rgb",
     "working_size",
+    "DEFAULT_URL",
+    "ensure_dataset",
     "DatasetError",
     "IMAGE_EXTENSIONS",
     "resolve_folders",

@@ -38,19 +38,19 @@ def build_train_transform(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Compose:
-    """Without augment this is the eval transform; with it: random resized crop, flip, small
-    rotation, colour jitter and random erasing, the usual recipe for small natural-image sets."""
+    """Without augment this is the eval transform; with it: random resized crop (35-100 % of the
+    area), horizontal flip, colour jitter and random erasing. Stronger settings (25 % crops,
+    rotation) left a 5-block CNN underfitting on flowers5: train accuracy stayed below val."""
     if not augment:
         return build_eval_transform(image_size, resize_size, mean, std)
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.RandomRotation(10),
-            v2.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
+            v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std),
-            v2.RandomErasing(p=0.25, value=0),
+            v2.RandomErasing(p=0.1, value=0),
         ]
     )

@@ -17,6 +17,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 class TrainConfig:
     # data
     data_dir: str = "nature_12K"
+    data_url: str = "https://storage.googleapis.com/wandb_datasets/nature_12K.zip"
+    download: str = "auto"  # auto: when data_dir is the default or --data_url is given
+    keep_zip: bool = False
     val_fraction: float = 0.2  # of train/, stratified by class
     image_size: int = 224  # pixels, square crop fed to the model
     data_aug: bool = True
@@ -46,19 +49,30 @@ class TrainConfig:
     pictures: bool = True
 
 
+def wants_download(cfg: TrainConfig) -> bool:
+    if cfg.download != "auto":
+        return cfg.download == "true"
+    return cfg.data_dir == TrainConfig.data_dir or cfg.data_url != TrainConfig.data_url
+
+
 def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """Flags for every TrainConfig field, with defaults taken from `defaults`."""
     d = defaults
     group = parser.add_argument_group("data")
     group.add_argument("-p", "--data_dir", "--parent_dir", "--data-dir", dest="data_dir", default=d.data_dir,
-                       metavar="DIR", help="unzipped nature_12K folder (holding inaturalist_12K/), or a folder with "
-                       f"train/ and val/ or test/ (default: {d.data_dir})")
+                       metavar="DIR", help="unzipped nature_12K folder (holding inaturalist_12K/), a folder with train/ and val/ or "
+                       f"test/, or the .zip itself (default: {d.data_dir}, downloaded there if missing)")
+    group.add_argument("--download", type=choice("auto", "true", "false"), default=d.download,
+                       help="fetch and unzip the data set if --data_dir does not hold it; auto = only for the default "
+                       "--data_dir or when --data_url is given (default: auto)")
+    group.add_argument("--data_url", "--data-url", default=d.data_url, help=f"where to download from (default: {d.data_url})")
+    add_bool(group, "--keep_zip", "--keep-zip", default=d.keep_zip, help="keep the downloaded zip after unpacking")
     group.add_argument("--val_fraction", "--val-fraction", type=number(float, 0, 1, high_open=True),
                        default=d.val_fraction, help=f"share of train/ held out for validation, stratified (default: {d.val_fraction})")
     group.add_argument("-is", "--image_size", "--image-size", type=number(int, 1), default=d.image_size,
                        help=f"square input size in pixels (default: {d.image_size})")
     add_bool(group, "-da", "--data_aug", "--data-aug", default=d.data_aug,
-             help="random resized crop, flip, rotation, colour jitter, erasing on train images")
+             help="random resized crop, flip, colour jitter, erasing on train images")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("-e", "--epochs", type=number(int, 1), default=d.epochs, help=f"(default: {d.epochs})")

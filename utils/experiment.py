@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from data import NatureData, collate_skipping_unreadable
+from data import NatureData, collate_skipping_unreadable, ensure_dataset
 
 from .checkpoint import load_checkpoint
+from .config import wants_download
 from .errors import UsageError
 from .optim import build_optimizer, build_scheduler
 from .runtime import autocast_dtype, default_num_workers, resolve_device, seed_everything, use_channels_last
@@ -115,10 +116,11 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
         check_script(checkpoint, recipe.script, resume)
     num_workers = default_num_workers(cfg.num_workers)
 
+    data_dir = ensure_dataset(cfg.data_dir, cfg.data_url, wants_download(cfg), cfg.keep_zip)
     common = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    train_set = NatureData(cfg.data_dir, "train", recipe.train_transform, **common)
-    val_set = NatureData(cfg.data_dir, "val", recipe.eval_transform, **common)
-    test_set = NatureData(cfg.data_dir, "test", recipe.eval_transform, **common)
+    train_set = NatureData(data_dir, "train", recipe.train_transform, **common)
+    val_set = NatureData(data_dir, "val", recipe.eval_transform, **common)
+    test_set = NatureData(data_dir, "test", recipe.eval_transform, **common)
     class_names = train_set.classes
     if len(val_set) == 0:
         raise UsageError("--val_fraction 0 leaves no validation images, which best.pt and early stopping need; "
@@ -215,7 +217,8 @@ def test_only(checkpoint_path: str, script: str, rebuild: Callable[[dict], tuple
     cfg, model, eval_transform = rebuild(checkpoint)
     precision = Precision(resolve_device(device), autocast_dtype(resolve_device(device), cfg.amp),
                           use_channels_last(resolve_device(device), cfg.channels_last))
-    test_set = NatureData(data_dir or cfg.data_dir, "test", eval_transform, image_size=cfg.image_size)
+    test_set = NatureData(ensure_dataset(data_dir or cfg.data_dir, download=False), "test", eval_transform,
+                          image_size=cfg.image_size)
     if test_set.classes != list(checkpoint["class_names"]):
         raise UsageError(f"the test folder's classes {test_set.classes} differ from the checkpoint's "
                          f"{checkpoint['class_names']}; point --data_dir at the data set it was trained on")
