@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from data import build_eval_transform, build_train_transform
+from data import build_eval_transform, build_train_transform, working_size
 from models import ACTIVATION_NAMES, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
 from models.errors import ModelConfigError
 from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
@@ -20,6 +20,8 @@ from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args
 from utils.errors import UsageError
 from utils.experiment import ModelRecipe, test_only, train_and_test
+from utils.pictures import make_all
+from utils.predict import predict
 from utils.optim import split_decay
 
 
@@ -140,6 +142,14 @@ def rebuild_from_checkpoint(checkpoint: dict):
     return cfg, model, build_eval_transform(cfg.image_size)
 
 
+def pictures_maker(cfg):
+    def make(model, precision, test_set, test_stats, run_dir, tracker, class_names):
+        paths = make_all(model, precision, test_set, test_stats, run_dir, tracker, class_names, cfg.seed,
+                         guided=True)
+        print("pictures: " + ", ".join(p.name for p in paths.values()))
+    return make
+
+
 def explicit_flags(args, parser) -> set[str]:
     return {name for name, value in vars(args).items() if value != parser.get_default(name)}
 
@@ -147,6 +157,8 @@ def explicit_flags(args, parser) -> set[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.predict:
+        return predict(args.predict, args.checkpoint, "trainA", rebuild_from_checkpoint, args.device, prog="trainA.py")
     if args.test_only:
         given = explicit_flags(args, parser)
         return test_only(args.checkpoint, "trainA", rebuild_from_checkpoint,
@@ -174,8 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         param_groups=lambda m: split_decay(m.named_parameters(), cfg.lr, cfg.weight_decay),
         train_transform=build_train_transform(cfg.image_size, cfg.data_aug),
         eval_transform=build_eval_transform(cfg.image_size),
+        resize_size=working_size(cfg.image_size),
     )
     return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume,
+                          after_test=pictures_maker(cfg) if cfg.pictures else None,
                           summary_text=lambda m: summarize(m, (3, cfg.image_size, cfg.image_size)).format())
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, working_size
 from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family, resolve_weights, weights_eval_preset
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, choice, number, run_cli
@@ -23,6 +23,8 @@ from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args
 from utils.errors import UsageError
 from utils.experiment import ModelRecipe, test_only, train_and_test
+from utils.pictures import make_all
+from utils.predict import predict
 from utils.optim import split_decay
 
 STRATEGIES = ("freeze_all", "freeze_upto", "full", "gradual")
@@ -38,6 +40,7 @@ class ConfigB(TrainConfig):
     head_hidden: int = 512
     head_dropout: float = 0.0
     head_epochs: int = 2  # gradual: epochs with only the head training
+    feature_cache: str = "auto"  # freeze_all: train the head on backbone features computed once
     backbone_lr: float = 1e-4  # peak lr of the unfrozen backbone
     lr_decay: float = 1.0  # backbone stage k from the top gets backbone_lr * lr_decay**k
     # overrides of the shared defaults: fine-tuning converges in fewer epochs
@@ -77,6 +80,11 @@ def get_args_parser() -> OneLineParser:
                        default=d.backbone_lr, help=f"peak lr of unfrozen backbone layers (default: {d.backbone_lr})")
     group.add_argument("--lr_decay", "--lr-decay", type=number(float, 0, 1, low_open=True), default=d.lr_decay,
                        help="per-stage lr factor going down the backbone, 1 = same lr everywhere (default: 1.0)")
+    group.add_argument("--feature_cache", "--feature-cache", type=choice("auto", "true", "false"),
+                       default=d.feature_cache,
+                       help="freeze_all: compute the frozen backbone's features once and train the head on them; auto = "
+                       "when --data_aug is false, true = also with augmentation on (train images are then not "
+                       "augmented) (default: auto)")
     add_train_args(parser, d)
     add_action_args(parser)
     return parser
@@ -135,13 +143,18 @@ def run_name(cfg: ConfigB) -> str:
     return f"{cfg.arch}-{strategy}-{head}-lr{cfg.lr:g}{backbone}"
 
 
-def eval_transform(cfg: ConfigB):
-    """The weights' own preset (resize/crop ratio, mean/std), scaled to --image_size."""
+def eval_preset(cfg: ConfigB) -> tuple[int, tuple, tuple]:
+    """(resize size, mean, std) of the weights' own eval preset, scaled to --image_size."""
     preset = weights_eval_preset(cfg.arch, cfg.weights) if not cfg.weights.lower() == "none" else None
     if preset is None:
-        return build_eval_transform(cfg.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return working_size(cfg.image_size), IMAGENET_MEAN, IMAGENET_STD
     resize = round(cfg.image_size * preset["resize_size"] / preset["crop_size"])
-    return build_eval_transform(cfg.image_size, resize, preset["mean"], preset["std"])
+    return resize, preset["mean"], preset["std"]
+
+
+def eval_transform(cfg: ConfigB):
+    resize, mean, std = eval_preset(cfg)
+    return build_eval_transform(cfg.image_size, resize, mean, std)
 
 
 def param_groups(model: FineTuneNet, cfg: ConfigB) -> list[dict]:
@@ -162,6 +175,16 @@ def unfreeze_after_head_epochs(cfg: ConfigB):
     return before_epoch
 
 
+def uses_feature_cache(cfg: ConfigB) -> bool:
+    if cfg.strategy != "freeze_all" or cfg.feature_cache == "false":
+        return False
+    return cfg.feature_cache == "true" or not cfg.data_aug
+
+
+def split_for_features(model: FineTuneNet):
+    return model.features, model.head
+
+
 def config_from_checkpoint(checkpoint: dict) -> ConfigB:
     known = {f.name for f in fields(ConfigB)}
     return ConfigB(**{k: v for k, v in checkpoint["config"].items() if k in known})
@@ -176,6 +199,14 @@ def rebuild_from_checkpoint(checkpoint: dict):
     return cfg, model, eval_transform(cfg)
 
 
+def pictures_maker(cfg):
+    def make(model, precision, test_set, test_stats, run_dir, tracker, class_names):
+        paths = make_all(model, precision, test_set, test_stats, run_dir, tracker, class_names, cfg.seed,
+                         guided=False)
+        print("pictures: " + ", ".join(p.name for p in paths.values()))
+    return make
+
+
 def explicit_flags(args, parser) -> set[str]:
     return {name for name, value in vars(args).items() if value != parser.get_default(name)}
 
@@ -183,6 +214,8 @@ def explicit_flags(args, parser) -> set[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.predict:
+        return predict(args.predict, args.checkpoint, "trainB", rebuild_from_checkpoint, args.device, prog="trainB.py")
     if args.test_only:
         given = explicit_flags(args, parser)
         return test_only(args.checkpoint, "trainB", rebuild_from_checkpoint,
@@ -209,9 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         script="trainB",
         build_model=lambda num_classes: build_model(cfg, num_classes, weights),
         param_groups=lambda model: param_groups(model, cfg),
-        train_transform=build_train_transform(cfg.image_size, cfg.data_aug),
+        # Features are computed once, so with the feature cache train images are not augmented.
+        train_transform=build_train_transform(cfg.image_size, cfg.data_aug and not uses_feature_cache(cfg)),
         eval_transform=eval_transform(cfg),
+        resize_size=eval_preset(cfg)[0],
+        mean=eval_preset(cfg)[1],
+        std=eval_preset(cfg)[2],
         before_epoch=unfreeze_after_head_epochs(cfg),
+        feature_cache=split_for_features if uses_feature_cache(cfg) else None,
+        augment=not uses_feature_cache(cfg),
     )
 
     def describe(model: FineTuneNet) -> str:
@@ -221,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         return text
 
-    return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume, summary_text=describe)
+    return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume,
+                          after_test=pictures_maker(cfg) if cfg.pictures else None, summary_text=describe)
 
 
 if __name__ == "__main__":

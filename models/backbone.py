@@ -151,6 +151,21 @@ class FineTuneNet(nn.Module):
                                                      for n, _ in net.encoder.layers.named_children()]
         return [(f"features.{n}", [f"features.{n}"]) for n, _ in net.features.named_children()]
 
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the head (pooled backbone features), with the whole net in eval mode."""
+        parent_path, _, leaf = self.family.head.rpartition(".")
+        parent = self.net.get_submodule(parent_path) if parent_path else self.net
+        head = getattr(parent, leaf)
+        was_training = self.training
+        setattr(parent, leaf, nn.Identity())
+        try:
+            self.eval()
+            return self.net(x)
+        finally:
+            setattr(parent, leaf, head)
+            self.train(was_training)
+
     def stage_names(self) -> list[str]:
         return [name for name, _ in self.stages()]
 

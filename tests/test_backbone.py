@@ -179,3 +179,33 @@ def test_checkpoint_of_the_other_script_is_refused(tiny_data, tmp_path, capsys):
     (run_dir,) = list((tmp_path / "a").iterdir())
     code = run_cli(trainB.main, ["--test_only", "--checkpoint", str(run_dir / "best.pt")], prog="trainB.py")
     assert code == 2 and "written by trainA.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_feature_cache_matches_the_plain_path_within_noise(tmp_path, cache, capsys):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "easy", classes=("amphibia", "fungi", "insecta", "mammalia"),
+                        train_per_class=16, test_per_class=6)
+    accuracy = {}
+    for feature_cache in ("true", "false"):
+        out = tmp_path / f"runs-{feature_cache}"
+        assert trainB.main(["--data_dir", str(data), "-e", "4", "--output_dir", str(out), *B_ARGS, "--strategy",
+                            "freeze_all", "-da", "false", "--feature_cache", feature_cache, "--cache", cache,
+                            "-lr", "0.01", "--seed", "3"]) == 0
+        (run_dir,) = list(out.iterdir())
+        accuracy[feature_cache] = json.loads((run_dir / "test_metrics.json").read_text())["test_accuracy"]
+        if feature_cache == "true":
+            assert "computed once" in capsys.readouterr().out
+            # best.pt holds the whole model, so --test_only (on images) gives the same accuracy.
+            assert trainB.main(["--test_only", "--checkpoint", str(run_dir / "best.pt"), "--num_workers", "0"]) == 0
+            assert f"test_accuracy {accuracy['true']:.4f}" in capsys.readouterr().out
+    assert accuracy["true"] >= 0.5 and accuracy["false"] >= 0.5, accuracy  # chance is 0.25
+    assert abs(accuracy["true"] - accuracy["false"]) <= 0.2, accuracy
+
+
+def test_feature_cache_applies_only_to_freeze_all():
+    assert trainB.uses_feature_cache(trainB.ConfigB(strategy="freeze_all", data_aug=False))
+    assert not trainB.uses_feature_cache(trainB.ConfigB(strategy="freeze_all", data_aug=True))
+    assert trainB.uses_feature_cache(trainB.ConfigB(strategy="freeze_all", feature_cache="true"))
+    assert not trainB.uses_feature_cache(trainB.ConfigB(strategy="full", feature_cache="true"))

@@ -21,9 +21,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_end_to_end_run_leaves_a_complete_run_directory(tiny_data, tmp_path, capsys):
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_end_to_end_run_leaves_a_complete_run_directory(tiny_data, tmp_path, capsys, cache):
     out = tmp_path / "runs"
-    code = trainA.main(["--data_dir", str(tiny_data), "-e", "2", "--output_dir", str(out), *TINY_ARGS])
+    code = trainA.main(["--data_dir", str(tiny_data), "-e", "2", "--output_dir", str(out), *TINY_ARGS,
+                        "--cache", cache])
     assert code == 0
     run_dir = run_dir_of(out)
     for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "test_metrics.json", "model_summary.txt"):
@@ -42,7 +44,8 @@ def test_end_to_end_run_leaves_a_complete_run_directory(tiny_data, tmp_path, cap
     assert f"test_accuracy {results['test_accuracy']:.4f}" in printed
 
     # --test_only needs nothing but the checkpoint and reproduces the reported accuracy.
-    code = trainA.main(["--test_only", "--checkpoint", str(run_dir / "best.pt"), "--num_workers", "0"])
+    code = trainA.main(["--test_only", "--checkpoint", str(run_dir / "best.pt"), "--num_workers", "0",
+                        "--cache", cache])
     assert code == 0
     assert f"test_accuracy {results['test_accuracy']:.4f}" in capsys.readouterr().out
 

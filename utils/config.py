@@ -35,6 +35,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     patience: int = 10  # epochs without a better val_accuracy before stopping; 0 = never
     seed: int = 0
+    # speed
+    cache: str = "auto"  # decode every image once into a uint8 array on disk; off = decode per epoch
+    cache_dir: str = ""  # default: ~/.cache/inat12k/decoded (or $XDG_CACHE_HOME)
+    data_on_device: str = "auto"  # keep the decoded train set in GPU memory when it fits
     # hardware
     device: str = "auto"
     amp: str = "auto"
@@ -96,12 +100,23 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> No
                        help=f"stop after this many epochs without a better val_accuracy; 0 = never (default: {d.patience})")
     group.add_argument("--seed", type=number(int, 0), default=d.seed, help=f"split, init and augmentation seed (default: {d.seed})")
 
+    group = parser.add_argument_group("speed")
+    group.add_argument("--cache", type=choice("auto", "off"), default=d.cache,
+                       help="auto: decode every image once into a uint8 array shared by later runs and augment whole "
+                       "batches on the device; off: decode and augment per image in DataLoader workers (default: auto)")
+    group.add_argument("--cache_dir", "--cache-dir", default=d.cache_dir,
+                       help="where decoded arrays live (default: ~/.cache/inat12k/decoded)")
+    group.add_argument("--data_on_device", "--data-on-device", type=choice("auto", "true", "false"),
+                       default=d.data_on_device,
+                       help="keep decoded images in GPU memory: auto = when they take < 40%% of free GPU memory (default: auto)")
+
     group = parser.add_argument_group("hardware")
     group.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     group.add_argument("--amp", type=choice(*AMP_MODES), default=d.amp,
-                       help="mixed precision: auto = bf16 on GPUs that have it else fp16, fp32 on CPU (default: auto)")
+                       help="mixed precision: auto = bf16 on GPUs that have it else fp16; on CPUs with bf16 units "
+                       "(AVX512-BF16/AMX) bf16, else fp32 (default: auto)")
     group.add_argument("--channels_last", "--channels-last", type=choice("auto", "true", "false"), default=d.channels_last,
-                       help="channels-last memory format: auto = on for CUDA (default: auto)")
+                       help="channels-last memory format: auto = on for CUDA and for CPUs with bf16 units (default: auto)")
     group.add_argument("--num_workers", "--num-workers", type=number(int, -1), default=d.num_workers,
                        help="data loading processes; -1 = one per core, up to 8 (default: -1)")
 
@@ -131,3 +146,5 @@ def add_action_args(parser: argparse.ArgumentParser) -> None:
     add_bool(group, "--test_only", "--test-only", default=False,
              help="evaluate --checkpoint on the test folder and exit")
     group.add_argument("--checkpoint", metavar="CKPT", default="", help="checkpoint for --test_only / --predict")
+    group.add_argument("--predict", nargs="+", metavar="IMG", default=None,
+                       help="print the top-3 classes of these images (files or folders) with --checkpoint, and exit")

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from data import NatureData, collate_skipping_unreadable, ensure_dataset
+from data import IMAGENET_MEAN, IMAGENET_STD, NatureData, collate_skipping_unreadable, ensure_dataset
+from data.cache import build_or_load, default_cache_dir
+from data.device_aug import BatchAugment, CachedBatches
 
 from .checkpoint import load_checkpoint
 from .config import wants_download
@@ -37,7 +39,14 @@ class ModelRecipe:
     param_groups: Callable[[nn.Module], list[dict]]  # model -> optimizer groups (each with its lr)
     train_transform: Callable
     eval_transform: Callable
+    resize_size: int  # the eval transform's Resize (shorter side), the decoded cache's square side
+    augment: bool = True  # train-time augmentation (with --data_aug); off where features are cached
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     before_epoch: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None
+    # With a frozen backbone: model -> (features(images), head). fit() then trains only the
+    # head on features computed once; checkpoints still hold the whole model.
+    feature_cache: Callable[[nn.Module], tuple[Callable, nn.Module]] | None = None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -81,6 +90,71 @@ def make_loader(dataset, batch_size: int, train: bool, device: torch.device, num
         generator=generator,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def make_loaders(cfg, recipe: ModelRecipe, precision: Precision, num_workers: int, train_set, val_set, test_set):
+    """Cached path: decode once, batches augmented on the device. Streaming: DataLoader workers."""
+    if cfg.cache == "off":
+        return tuple(make_loader(ds, cfg.batch_size, ds is train_set, precision.device, num_workers, cfg.seed)
+                     for ds in (train_set, val_set, test_set))
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    loaders = []
+    for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)):
+        split = build_or_load(dataset.samples, dataset.decode_size or recipe.resize_size, recipe.resize_size,
+                              cfg.image_size, cache_dir, name)
+        skipped = int((~split.valid).sum())
+        if skipped:
+            print(f"{name}: {skipped} unreadable image(s) skipped (named above when the cache was built)")
+        train = dataset is train_set
+        augment = BatchAugment(cfg.image_size, train and cfg.data_aug and recipe.augment, recipe.mean, recipe.std)
+        loaders.append(CachedBatches(split, cfg.batch_size, train, augment, precision.device, cfg.seed,
+                                     on_device=train and keep_on_device(cfg, precision, split)))
+    return tuple(loaders)
+
+
+def keep_on_device(cfg, precision: Precision, split) -> bool:
+    if cfg.data_on_device != "auto":
+        return cfg.data_on_device == "true"
+    if precision.device.type != "cuda":
+        return False  # on the CPU the memory map already is host memory
+    free, _ = torch.cuda.mem_get_info(precision.device)
+    return split.images.nbytes < 0.4 * free
+
+
+@torch.no_grad()
+def compute_features(extract: Callable, loader, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every image of loader through extract once: (features as fp32, labels), on the device."""
+    features, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = precision.to_device(*batch)
+        with precision.autocast():
+            features.append(extract(images).float())
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels)
+
+
+class FeatureBatches:
+    """Shuffled batches of precomputed features; same per-epoch seeding contract as the loaders."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, seed: int):
+        self.features, self.labels, self.train = features, labels, train
+        self.batch_size = min(batch_size, len(labels))
+        self.drop_last = train and len(labels) > batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        order = order.to(self.labels.device)
+        for b in range(len(self)):
+            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.features[index], self.labels[index]
 
 
 def make_precision(cfg) -> Precision:
@@ -128,9 +202,8 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
     print(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
           f"{len(class_names)} classes from {train_set.root.parent}")
 
-    train_loader = make_loader(train_set, cfg.batch_size, True, precision.device, num_workers, cfg.seed)
-    val_loader = make_loader(val_set, cfg.batch_size, False, precision.device, num_workers, cfg.seed)
-    test_loader = make_loader(test_set, cfg.batch_size, False, precision.device, num_workers, cfg.seed)
+    train_loader, val_loader, test_loader = make_loaders(cfg, recipe, precision, num_workers,
+                                                         train_set, val_set, test_set)
 
     # Build (and download) the model before creating the run directory, so a failure leaves nothing.
     model = prepare_model(recipe.build_model(len(class_names)), precision)
@@ -159,13 +232,24 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
           f"{', channels_last' if precision.channels_last else ''}), {num_workers} data workers")
 
     exit_code = EXIT_OK
+    trained, fit_train, fit_val, fit_precision = model, train_loader, val_loader, precision
+    if recipe.feature_cache is not None:
+        extract, trained = recipe.feature_cache(model)
+        started = time.perf_counter()
+        fit_train = FeatureBatches(*compute_features(extract, train_loader, precision), cfg.batch_size, True, cfg.seed)
+        fit_val = FeatureBatches(*compute_features(extract, val_loader, precision), cfg.batch_size, False, cfg.seed)
+        # Features are computed in the autocast dtype already; the head runs in fp32 (it is tiny).
+        fit_precision = Precision(precision.device)
+        print(f"frozen features of {len(fit_train.labels) + len(fit_val.labels)} images computed once in "
+              f"{time.perf_counter() - started:.1f}s; epochs now train the head only")
     try:
         state = fit(
-            model, optimizer, scheduler, train_loader, val_loader, epochs=cfg.epochs, precision=precision,
+            trained, optimizer, scheduler, fit_train, fit_val, epochs=cfg.epochs, precision=fit_precision,
             loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), num_classes=len(class_names),
             run_dir=run_dir, checkpoint_meta=meta, log_epoch=tracker.log_epoch, patience=cfg.patience,
             seed=cfg.seed, state=state, scaler=scaler,
             before_epoch=(lambda epoch: recipe.before_epoch(model, optimizer, epoch)) if recipe.before_epoch else None,
+            unwrap=lambda _: model,  # checkpoints hold the whole model (the head is shared with it)
         )
     except NonFiniteLoss as error:
         best = run_dir / "best.pt"

@@ -1,0 +1,135 @@
+"""One training epoch, four ways, side by side in one process on the same data and model:
+
+  (a) plain: what the assignment write-ups do: ImageFolder + PIL decode every epoch, torchvision
+      transforms (resize to a square, flip, to tensor, normalise), DataLoader, fp32 contiguous
+  (b) ours, streaming (--cache off): NatureData (draft-mode decode), v2 transforms, DataLoader,
+      our precision settings
+  (c) ours, cached (the default): decoded once (not timed: the build is reported separately),
+      batches augmented on the device
+  (d) pure compute: the same number of steps on tensors already on the device
+
+    python benchmarks/make_fake_inat.py /tmp/fake_inat
+    python benchmarks/bench_epoch.py /tmp/fake_inat --image_size 224
+
+The last line reads `speedup_vs_plain=<a/c> overhead_vs_compute=<c/d>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import IMAGENET_MEAN, IMAGENET_STD, NatureData, build_train_transform, working_size  # noqa: E402
+from data.cache import build_or_load  # noqa: E402
+from data.device_aug import BatchAugment, CachedBatches  # noqa: E402
+from models import build_cnn  # noqa: E402
+from utils.experiment import make_loader  # noqa: E402
+from utils.runtime import autocast_dtype, default_num_workers, resolve_device, use_channels_last  # noqa: E402
+from utils.train import Precision, train_one_epoch  # noqa: E402
+
+
+def plain_loader(train_dir: Path, image_size: int, batch_size: int, workers: int):
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([
+        transforms.Resize((image_size, image_size)), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = datasets.ImageFolder(str(train_dir), transform=transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+
+
+class PremadeBatches:
+    def __init__(self, steps: int, batch_size: int, image_size: int, precision: Precision, classes: int):
+        memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+        self.x = torch.randn(batch_size, 3, image_size, image_size, device=precision.device).contiguous(
+            memory_format=memory_format)
+        self.y = torch.randint(0, classes, (batch_size,), device=precision.device)
+        self.steps = steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return ((self.x, self.y) for _ in range(self.steps))
+
+
+def timed_epoch(name: str, loader, precision: Precision, args, classes: int) -> float:
+    torch.manual_seed(0)
+    model = build_cnn(classes, args.image_size, args.num_filters, "double", [5, 5, 3, 3, 3], "LeakyReLU", True, 0.2)
+    model = model.to(precision.device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
+    warm = PremadeBatches(2, args.batch_size, args.image_size, precision, classes)  # oneDNN/cuDNN warm-up
+    train_one_epoch(model, warm, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), precision, 0, False)
+    stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), precision, 1, False)
+    print(f"{name:<34} {stats.seconds:8.2f} s  {stats.images_per_s:8.1f} img/s  ({stats.images} images)", flush=True)
+    return stats.seconds / max(stats.images, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_filters", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num_workers", type=int, default=-1)
+    parser.add_argument("--skip_plain", action="store_true", help="leave out (a), e.g. on a slow CPU")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    ours = Precision(device, autocast_dtype(device, "auto"), use_channels_last(device, "auto"))
+    plain = Precision(device)  # fp32, contiguous
+    workers = default_num_workers(args.num_workers)
+    train = NatureData(args.data_dir, "train", build_train_transform(args.image_size), args.image_size, val_fraction=0.0)
+    classes = len(train.classes)
+    print(f"{len(train)} train images, {classes} classes, {args.image_size}px, batch {args.batch_size}, "
+          f"device {device}, ours: {ours.autocast_dtype or 'fp32'}{' channels_last' if ours.channels_last else ''}, "
+          f"{workers} workers, torch {torch.__version__}")
+
+    cache_dir = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    try:
+        size = working_size(args.image_size)
+        started = time.perf_counter()
+        split = build_or_load(train.samples, size, size, args.image_size, cache_dir, "train")
+        build_s = time.perf_counter() - started
+        started = time.perf_counter()
+        build_or_load(train.samples, size, size, args.image_size, cache_dir, "train")
+        hit_s = time.perf_counter() - started
+        print(f"cache build (once per data set): {build_s:.2f} s, cache hit: {hit_s:.3f} s")
+
+        per_image = {}
+        if not args.skip_plain:
+            per_image["plain"] = timed_epoch("(a) plain pipeline, fp32", plain_loader(
+                args.data_dir / "train", args.image_size, args.batch_size, workers), plain, args, classes)
+        per_image["stream"] = timed_epoch("(b) ours, streaming", make_loader(
+            train, args.batch_size, True, device, workers, 0), ours, args, classes)
+        augment = BatchAugment(args.image_size, True, IMAGENET_MEAN, IMAGENET_STD)
+        on_device = device.type == "cuda"
+        per_image["cached"] = timed_epoch("(c) ours, cached + device aug", CachedBatches(
+            split, args.batch_size, True, augment, device, 0, on_device=on_device), ours, args, classes)
+        steps = len(train) // args.batch_size
+        per_image["compute"] = timed_epoch("(d) pure compute, ours", PremadeBatches(
+            steps, args.batch_size, args.image_size, ours, classes), ours, args, classes)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    print(f"streaming vs plain: {per_image['plain'] / per_image['stream']:.2f}x" if "plain" in per_image else "")
+    speedup = per_image["plain"] / per_image["cached"] if "plain" in per_image else float("nan")
+    print(f"speedup_vs_plain={speedup:.2f} overhead_vs_compute={per_image['cached'] / per_image['compute']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import trainA
+from conftest import TINY_ARGS, assert_one_line_error, run_script
+from data import NatureData, build_eval_transform
+from models import ACTIVATION_NAMES, build_cnn
+from utils import pictures
+from utils.train import Precision, evaluate
+
+
+@pytest.fixture
+def test_set(tiny_data):
+    return NatureData(tiny_data, "test", build_eval_transform(32), image_size=32)
+
+
+def tiny_model(activation="ReLU"):
+    torch.manual_seed(0)
+    return build_cnn(3, 32, num_filters=4, filter_org="same", activation=activation, dense_neurons=8).eval()
+
+
+def test_prediction_grid_size_and_labels_match_the_model(test_set, tmp_path):
+    model = tiny_model()
+    predictions = pictures.prediction_grid(model, test_set, torch.device("cpu"), tmp_path / "g.png", per_class=3,
+                                           seed=1, tile=64)
+    image = Image.open(tmp_path / "g.png")
+    assert image.size == (3 * (64 + 6) + 6, 3 * (64 + 30 + 6) + 6)
+    assert [p.true_label for p in predictions] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with torch.no_grad():
+        for p in predictions:
+            logits = model(test_set[p.index][0].unsqueeze(0))
+            assert int(logits.argmax()) == p.predicted
+            assert float(logits.softmax(1).max()) == pytest.approx(p.confidence, abs=1e-5)
+    again = pictures.prediction_grid(model, test_set, torch.device("cpu"), tmp_path / "h.png", seed=1, tile=64)
+    assert [p.index for p in again] == [p.index for p in predictions]  # same images for a seed
+    # Wrong predictions get a red frame, right ones green: check one pixel of each frame.
+    pixels = np.asarray(image)
+    for p in predictions[:3]:
+        column = predictions[:3].index(p)
+        frame = tuple(pixels[6 - 2, 6 + column * 70 + 10])
+        assert frame == (pictures.GREEN if p.predicted == p.true_label else pictures.RED)
+
+
+def test_filters_and_feature_maps(test_set, tmp_path):
+    model = tiny_model()
+    image = pictures.filter_grid(model, tmp_path / "f.png", tile=10)
+    assert image.size == (2 * 12 + 2, 2 * 12 + 2)  # 4 filters on a 2x2 grid with 2 px padding
+    maps = pictures.feature_maps(model, test_set[0][0], tmp_path / "m.png")
+    assert maps.size == (4 * 34 + 2, 34 + 2)  # 4 channels of 32x32 in one row of 8 columns
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_guided_backprop_gives_nonzero_maps_of_the_input_shape_for_every_activation(activation, test_set):
+    model = tiny_model(activation)
+    image = test_set[0][0]
+    maps = pictures.guided_backprop(model, image, model.features[-1], [0, 1, 2])
+    assert maps.shape == (3, 3, 32, 32)
+    assert all(m.abs().sum() > 0 for m in maps)
+    assert not torch.equal(maps[0], maps[1])
+
+
+def test_guided_backprop_differs_from_plain_gradient_for_relu(test_set):
+    model = tiny_model("ReLU")
+    image = test_set[1][0]
+    guided = pictures.guided_backprop(model, image, model.features[-1], [0])[0]
+    x = image.unsqueeze(0).clone().requires_grad_(True)
+    captured = {}
+    handle = model.features[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("o", o))
+    model(x)
+    handle.remove()
+    captured["o"][0, 0].max().backward()
+    assert not torch.allclose(guided, x.grad[0])
+
+
+def test_confusion_matrix_counts_and_picture(tmp_path):
+    matrix = pictures.confusion_counts([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    image = pictures.confusion_matrix_picture(matrix, ["a", "bb", "ccc"], tmp_path / "c.png", cell=40)
+    assert image.size == (90 + 4 * 40 + 10, 90 + 3 * 40 + 30)
+
+
+def test_run_leaves_every_picture_and_logs_them_offline(tiny_data, tmp_path):
+    from wandb_log import read_records
+
+    out = tmp_path / "runs"
+    args = [a if a != "disabled" else "offline" for a in TINY_ARGS if a != "--no_pictures"]
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *args]) == 0
+    (run_dir,) = list(out.iterdir())
+    for name in ("prediction_grid.png", "filters.png", "feature_maps.png", "guided_backprop.png", "confusion_matrix.png"):
+        assert Image.open(run_dir / name).size[0] > 10, name
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    logged = {item.key or item.nested_key[0] for r in read_records(log) if r.WhichOneof("record_type") == "history"
+              for item in r.history.item}
+    assert {"prediction_grid", "first_layer_filters", "first_layer_feature_maps", "guided_backprop",
+            "confusion_matrix", "confusion_matrix_table"} <= logged
+
+
+def test_predict_matches_evaluate_on_a_file_and_a_folder(tiny_data, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
+    (run_dir,) = list(out.iterdir())
+    capsys.readouterr()
+    folder = tiny_data / "val" / "fungi"
+    assert trainA.main(["--predict", str(folder), "--checkpoint", str(run_dir / "best.pt")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(len(line.split(", ")) == 3 for line in lines)
+    # top-1 of --predict equals what evaluate() predicts for the same images
+    _, model, transform = trainA.rebuild_from_checkpoint(torch.load(run_dir / "best.pt", weights_only=True))
+    test = NatureData(tiny_data, "test", transform, image_size=32)
+    loader = torch.utils.data.DataLoader(test, batch_size=64)
+    stats = evaluate(model, loader, Precision(torch.device("cpu")), 3, show_progress=False, keep_predictions=True)
+    fungi = [i for i, s in enumerate(test.samples) if s.label == 1]
+    expected = [test.classes[stats.predictions[i]] for i in fungi]
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == expected
+    single = str(folder / "fungi_000.jpg")
+    assert trainA.main(["--predict", single, "--checkpoint", str(run_dir / "best.pt")]) == 0
+    assert capsys.readouterr().out.startswith(single + ": ")
+
+
+def test_predict_unreadable_file_is_one_line(tiny_data, tmp_path):
+    out = tmp_path / "runs"
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
+    (run_dir,) = list(out.iterdir())
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    result = run_script("trainA.py", "--predict", str(bad), "--checkpoint", str(run_dir / "best.pt"))
+    assert_one_line_error(result, "cannot read image", str(bad))
+    missing = run_script("trainA.py", "--predict", str(tmp_path / "nope.jpg"), "--checkpoint", str(run_dir / "best.pt"))
+    assert_one_line_error(missing, "does not exist")

@@ -1,0 +1,252 @@
+"""Pictures of a trained model, drawn with PIL and torchvision.utils (no matplotlib):
+prediction grid, first-layer filters and feature maps, guided backpropagation, confusion matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+from torchvision.utils import make_grid
+
+from data import load_rgb
+
+GREEN, RED, WHITE, BLACK, GRAY = (34, 139, 34), (220, 20, 20), (255, 255, 255), (0, 0, 0), (120, 120, 120)
+
+
+def font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size only
+        return ImageFont.load_default()
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """(3, H, W) or (H, W) float in [0, 1] -> PIL image."""
+    array = (tensor.detach().float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+    if array.ndim == 3:
+        array = array.transpose(1, 2, 0)
+    return Image.fromarray(array)
+
+
+def center_square(image: Image.Image, size: int) -> Image.Image:
+    """The eval view of an image for display: shorter side to size, center crop."""
+    scale = size / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         Image.Resampling.BILINEAR)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+@dataclass
+class Prediction:
+    index: int
+    true_label: int
+    predicted: int
+    confidence: float
+
+
+@torch.no_grad()
+def predict_indices(model: nn.Module, dataset, indices: list[int], device: torch.device) -> list[Prediction]:
+    model.eval()
+    inputs = torch.stack([dataset[i][0] for i in indices]).to(device)
+    probabilities = model(inputs).float().softmax(1).cpu()
+    confidence, predicted = probabilities.max(1)
+    return [Prediction(i, dataset.samples[i].label, int(p), float(c)) for i, p, c in zip(indices, predicted, confidence)]
+
+
+def choose_per_class(dataset, per_class: int, seed: int) -> list[int]:
+    """per_class readable images of every class, the same ones for the same seed."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in range(len(dataset.classes)):
+        candidates = [i for i, s in enumerate(dataset.samples) if s.label == label]
+        picked = []
+        for i in rng.permutation(candidates):
+            if len(picked) == per_class:
+                break
+            if dataset[int(i)] is not None:
+                picked.append(int(i))
+        chosen.extend(picked)
+    return chosen
+
+
+def prediction_grid(model: nn.Module, dataset, device: torch.device, path: Path, per_class: int = 3,
+                    seed: int = 0, tile: int = 128) -> list[Prediction]:
+    """One row per class, per_class test images each, captioned true / predicted (confidence);
+    a red frame marks a wrong prediction, a green one a right one."""
+    predictions = predict_indices(model, dataset, choose_per_class(dataset, per_class, seed), device)
+    caption, pad, rows = 30, 6, len(dataset.classes)
+    canvas = Image.new("RGB", (per_class * (tile + pad) + pad, rows * (tile + caption + pad) + pad), WHITE)
+    draw, small = ImageDraw.Draw(canvas), font(11)
+    slots: dict[int, int] = {}
+    for p in predictions:
+        column = slots.setdefault(p.true_label, 0)
+        slots[p.true_label] += 1
+        x, y = pad + column * (tile + pad), pad + p.true_label * (tile + caption + pad)
+        canvas.paste(center_square(load_rgb(dataset.samples[p.index].path, tile), tile), (x, y))
+        colour = GREEN if p.predicted == p.true_label else RED
+        draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], outline=colour, width=3)
+        draw.text((x, y + tile + 3), f"true: {dataset.classes[p.true_label]}"[:24], fill=BLACK, font=small)
+        draw.text((x, y + tile + 15), f"pred: {dataset.classes[p.predicted]} {p.confidence:.0%}"[:24], fill=colour,
+                  font=small)
+    canvas.save(path)
+    return predictions
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def filter_grid(model: nn.Module, path: Path, tile: int = 24) -> Image.Image:
+    """The first conv layer's kernels as colour tiles (each scaled to its own min..max)."""
+    weights = first_conv(model).weight.detach().float().cpu()[:, :3]
+    low = weights.amin((1, 2, 3), keepdim=True)
+    high = weights.amax((1, 2, 3), keepdim=True)
+    tiles = (weights - low) / (high - low).clamp_min(1e-8)
+    tiles = F.interpolate(tiles, size=(tile, tile), mode="nearest")
+    image = to_pil(make_grid(tiles, nrow=int(np.ceil(np.sqrt(len(tiles)))), padding=2, pad_value=1.0))
+    image.save(path)
+    return image
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, image: torch.Tensor, path: Path, limit: int = 64) -> Image.Image:
+    """The first conv layer's activations (after its activation function, before pooling) for
+    one image, as grayscale tiles."""
+    block = next((m for m in model.modules() if isinstance(m, ACTIVATION_TYPES)), first_conv(model))
+    captured = {}
+    handle = block.register_forward_hook(lambda m, i, o: captured.setdefault("out", o.detach().float()))
+    model.eval()
+    model(image.unsqueeze(0))
+    handle.remove()
+    maps = captured["out"][0][:limit].cpu()
+    maps = (maps - maps.amin((1, 2), keepdim=True)) / (maps.amax((1, 2), keepdim=True) -
+                                                       maps.amin((1, 2), keepdim=True)).clamp_min(1e-8)
+    grid = make_grid(maps.unsqueeze(1), nrow=8, padding=2, pad_value=1.0)
+    picture = to_pil(grid)
+    picture.save(path)
+    return picture
+
+
+ACTIVATION_TYPES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Tanh)
+
+
+def guided_backprop(model: nn.Module, image: torch.Tensor, layer: nn.Module, channels: list[int]) -> torch.Tensor:
+    """(len(channels), 3, H, W) guided-backprop maps of the given output channels of layer.
+
+    At every activation the backward pass keeps only positive gradients. For ReLU this is
+    Springenberg et al.'s guided backpropagation exactly; for smooth activations (GELU, SiLU,
+    Mish, ...) it is the same rule applied to their own local gradient. Each map is the
+    gradient of the channel's strongest activation in the image.
+    """
+    hooks = [m.register_full_backward_hook(lambda m, grad_in, grad_out: (grad_in[0].clamp(min=0),))
+             for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
+    captured = {}
+    handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+    maps = []
+    model.eval()
+    try:
+        for channel in channels:
+            x = image.unsqueeze(0).clone().requires_grad_(True)
+            model.zero_grad(set_to_none=True)
+            model(x)
+            captured["out"][0, channel].max().backward()
+            maps.append(x.grad[0].detach().clone())
+    finally:
+        handle.remove()
+        for h in hooks:
+            h.remove()
+    return torch.stack(maps)
+
+
+def guided_backprop_grid(model: nn.Module, image: torch.Tensor, display: Image.Image, path: Path,
+                         count: int = 10) -> torch.Tensor:
+    """The image and the guided-backprop maps of the `count` most active channels of the last
+    conv block's output, as one picture."""
+    blocks = [m for m in model.modules() if hasattr(m, "conv") and hasattr(m, "pool")]
+    layer = blocks[-1] if blocks else [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    with torch.no_grad():
+        captured = {}
+        handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+        model.eval()
+        model(image.unsqueeze(0))
+        handle.remove()
+        strength = captured["out"][0].flatten(1).amax(1)
+    channels = strength.argsort(descending=True)[:count].tolist()
+    maps = guided_backprop(model, image, layer, channels).float().cpu()
+    shown = []
+    for m in maps:
+        m = m - m.mean()
+        m = m / (3 * m.std().clamp_min(1e-8)) + 0.5  # the usual display: centred, +-3 std
+        shown.append(m.clamp(0, 1))
+    original = torch.from_numpy(np.array(display.resize(maps.shape[-2:][::-1]))).permute(2, 0, 1).float() / 255
+    grid = make_grid(torch.stack([original, *shown]), nrow=(count + 1 + 1) // 2, padding=2, pad_value=1.0)
+    to_pil(grid).save(path)
+    return maps
+
+
+def confusion_counts(targets: list[int], predictions: list[int], num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(targets), np.asarray(predictions)), 1)
+    return matrix
+
+
+def confusion_matrix_picture(matrix: np.ndarray, class_names: list[str], path: Path, cell: int = 44) -> Image.Image:
+    """Rows: true class, columns: predicted; shade = share of the row; right column: per-class
+    accuracy."""
+    n = len(class_names)
+    label_width = max(90, 7 * max(len(c) for c in class_names))
+    top = label_width
+    width, height = label_width + (n + 1) * cell + 10, top + n * cell + 30
+    canvas = Image.new("RGB", (width, height), WHITE)
+    draw, small = ImageDraw.Draw(canvas), font(11)
+    row_totals = matrix.sum(1).clip(min=1)
+    for i in range(n):
+        for j in range(n):
+            share = matrix[i, j] / row_totals[i]
+            shade = (int(255 - 200 * share), int(255 - 120 * share), 255) if i == j else \
+                (255, int(255 - 180 * share), int(255 - 180 * share))
+            x, y = label_width + j * cell, top + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=shade, outline=GRAY)
+            draw.text((x + cell // 2, y + cell // 2), str(matrix[i, j]), fill=BLACK, font=small, anchor="mm")
+        accuracy = matrix[i, i] / row_totals[i]
+        x = label_width + n * cell + 4
+        draw.text((x, top + i * cell + cell // 2), f"{accuracy:.0%}", fill=BLACK, font=small, anchor="lm")
+        draw.text((label_width - 4, top + i * cell + cell // 2), class_names[i][:16], fill=BLACK, font=small, anchor="rm")
+    for j, name in enumerate(class_names):  # column labels, written vertically
+        label = Image.new("RGB", (label_width - 4, cell), WHITE)
+        ImageDraw.Draw(label).text((2, cell // 2), name[:16], fill=BLACK, font=small, anchor="lm")
+        canvas.paste(label.rotate(90, expand=True), (label_width + j * cell, 2))
+    draw.text((label_width + n * cell + 2, top - 14), "acc", fill=BLACK, font=small)
+    draw.text((4, height - 20), "rows: true class, columns: predicted", fill=GRAY, font=small)
+    canvas.save(path)
+    return canvas
+
+
+def make_all(model: nn.Module, precision, test_set, test_stats, run_dir: Path, tracker, class_names: list[str],
+             seed: int = 0, guided: bool = True) -> dict[str, Path]:
+    """Every picture for a finished run, saved in run_dir and logged to wandb."""
+    model = model.float().to(memory_format=torch.contiguous_format)
+    device = precision.device
+    paths = {"prediction_grid": run_dir / "prediction_grid.png", "first_layer_filters": run_dir / "filters.png",
+             "first_layer_feature_maps": run_dir / "feature_maps.png",
+             "confusion_matrix": run_dir / "confusion_matrix.png"}
+    prediction_grid(model, test_set, device, paths["prediction_grid"], seed=seed)
+    filter_grid(model, paths["first_layer_filters"])
+    index = choose_per_class(test_set, 1, seed)[0]
+    image = test_set[index][0].to(device)
+    feature_maps(model, image, paths["first_layer_feature_maps"])
+    if guided:
+        paths["guided_backprop"] = run_dir / "guided_backprop.png"
+        display = center_square(test_set.load(index), image.shape[-1])
+        guided_backprop_grid(model, image, display, paths["guided_backprop"])
+    matrix = confusion_counts(test_stats.targets, test_stats.predictions, len(class_names))
+    confusion_matrix_picture(matrix, class_names, paths["confusion_matrix"])
+    tracker.log_images(paths)
+    tracker.log_confusion_matrix(test_stats.targets, test_stats.predictions, class_names)
+    return paths

@@ -1,0 +1,63 @@
+"""--predict: top-3 classes of image files (or folders of them) from a checkpoint alone."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from data import IMAGE_EXTENSIONS, load_rgb, working_size
+
+from .checkpoint import load_checkpoint
+from .errors import UsageError
+from .runtime import resolve_device
+
+
+def expand(paths: list[str]) -> list[Path]:
+    """Files as given; folders as their image files (recursively, sorted)."""
+    files = []
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not p.name.startswith("."))
+            if not found:
+                raise UsageError(f"--predict folder '{path}' holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UsageError(f"--predict path '{path}' does not exist; give image files or folders")
+    return files
+
+
+@torch.no_grad()
+def predict(paths: list[str], checkpoint_path: str, script: str,
+            rebuild: Callable[[dict], tuple[object, nn.Module, Callable]], device: str = "auto",
+            top: int = 3, prog: str = "") -> int:
+    if not checkpoint_path:
+        raise UsageError("--predict needs --checkpoint PATH (a best.pt or last.pt)")
+    files = expand(paths)
+    checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint.get("script") != script:
+        raise UsageError(f"checkpoint '{checkpoint_path}' was written by {checkpoint.get('script')}.py; use that script")
+    cfg, model, transform = rebuild(checkpoint)
+    classes = list(checkpoint["class_names"])
+    target = resolve_device(device)
+    model = model.to(target).eval()
+    failed = 0
+    for path in files:
+        try:
+            image = load_rgb(str(path), working_size(cfg.image_size))
+        except (OSError, ValueError, SyntaxError) as error:
+            print(f"{prog}: error: cannot read image '{path}' ({str(error)[:100]}); skipped", file=sys.stderr)
+            failed += 1
+            continue
+        probabilities = model(transform(image).unsqueeze(0).to(target)).float().softmax(1)[0].cpu()
+        values, indices = probabilities.topk(min(top, len(classes)))
+        ranked = ", ".join(f"{classes[i]} {v:.3f}" for v, i in zip(values.tolist(), indices.tolist()))
+        print(f"{path}: {ranked}")
+    return 2 if failed else 0
