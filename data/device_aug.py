@@ -111,8 +111,9 @@ class CachedBatches:
     """
 
     def __init__(self, split: DecodedSplit, batch_size: int, train: bool, augment: BatchAugment,
-                 device: torch.device, seed: int = 0, on_device: bool = False):
+                 device: torch.device, seed: int = 0, on_device: bool = False, rank: int = 0, world: int = 1):
         self.split, self.augment, self.device, self.train = split, augment, device, train
+        self.rank, self.world = rank, world  # each global batch is cut to its [rank::world] part
         self.indices = torch.from_numpy(np.flatnonzero(split.valid))
         self.batch_size = min(batch_size, len(self.indices))
         # A last batch of a few images gives a noisy step (and breaks BN at size 1).
@@ -131,7 +132,7 @@ class CachedBatches:
         n = len(self.indices)
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
         for b in range(len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
 
     def _host_batches(self):
         """Gather on a background thread, one batch ahead."""
@@ -151,6 +152,9 @@ class CachedBatches:
         thread.join()
 
     def __iter__(self):
+        # The batch order must be the same on every rank; augmentation draws must not be.
+        aug_seed = int(torch.randint(2**62, (1,), generator=self.generator)) + self.rank
+        aug_generator = torch.Generator().manual_seed(aug_seed)
         if self.images is not None:
             source = ((self.images[p.to(self.device)], self.labels[p.to(self.device)]) for p in self._batches())
         else:
@@ -158,4 +162,4 @@ class CachedBatches:
         for images, labels in source:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            yield self.augment(images, self.generator if self.train else None), labels
+            yield self.augment(images, aug_generator if self.train else None), labels

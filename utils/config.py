@@ -44,6 +44,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: str = "auto"
     num_workers: int = -1  # -1: one per core, up to 8
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
     # output and tracking
     output_dir: str = "runs"
     run_name: str = ""
@@ -118,7 +119,9 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> No
     group.add_argument("--channels_last", "--channels-last", type=choice("auto", "true", "false"), default=d.channels_last,
                        help="channels-last memory format: auto = on for CUDA and for CPUs with bf16 units (default: auto)")
     group.add_argument("--num_workers", "--num-workers", type=number(int, -1), default=d.num_workers,
-                       help="data loading processes; -1 = one per core, up to 8 (default: -1)")
+                       help="data loading processes for --cache off; -1 = one per core, up to 8 (default: -1)")
+    add_bool(group, "--sync_bn", "--sync-bn", default=d.sync_bn,
+             help="under torchrun, compute BatchNorm statistics over the global batch instead of each process's share")
 
     group = parser.add_argument_group("output and tracking")
     group.add_argument("--output_dir", "--output-dir", default=d.output_dir,

@@ -25,6 +25,8 @@ from .config import wants_download
 from .errors import UsageError
 from .optim import build_optimizer, build_scheduler
 from .runtime import autocast_dtype, default_num_workers, resolve_device, seed_everything, use_channels_last
+from . import distributed
+from .distributed import DistInfo, ShardedBatchSampler
 from .tracking import Tracker
 from .train import FitState, NonFiniteLoss, Precision, TrainingInterrupted, evaluate, fit, restore_training_state
 
@@ -76,26 +78,26 @@ def create_run_dir(output_dir: str, name: str) -> Path:
     raise UsageError(f"--output_dir '{root}' already holds 10,000 runs named {safe}; pass --run_name")
 
 
-def make_loader(dataset, batch_size: int, train: bool, device: torch.device, num_workers: int, seed: int) -> DataLoader:
+def make_loader(dataset, batch_size: int, train: bool, device: torch.device, num_workers: int, seed: int,
+                dist_info: DistInfo = DistInfo()) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
+    sampler = ShardedBatchSampler(len(dataset), batch_size, train, generator, dist_info.rank, dist_info.world)
     return DataLoader(
         dataset,
-        batch_size=min(batch_size, len(dataset)),
-        shuffle=train,
-        # A last batch of a few images gives a noisy step (and breaks BN at size 1).
-        drop_last=train and len(dataset) > batch_size,
+        batch_sampler=sampler,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=collate_skipping_unreadable,
-        generator=generator,
+        generator=generator,  # seeds the workers; fit() re-seeds it every epoch
         prefetch_factor=4 if num_workers > 0 else None,
     )
 
 
-def make_loaders(cfg, recipe: ModelRecipe, precision: Precision, num_workers: int, train_set, val_set, test_set):
+def make_loaders(cfg, recipe: ModelRecipe, precision: Precision, num_workers: int, train_set, val_set, test_set,
+                 dist_info: DistInfo = DistInfo()):
     """Cached path: decode once, batches augmented on the device. Streaming: DataLoader workers."""
     if cfg.cache == "off":
-        return tuple(make_loader(ds, cfg.batch_size, ds is train_set, precision.device, num_workers, cfg.seed)
+        return tuple(make_loader(ds, cfg.batch_size, ds is train_set, precision.device, num_workers, cfg.seed, dist_info)
                      for ds in (train_set, val_set, test_set))
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     loaders = []
@@ -108,7 +110,8 @@ def make_loaders(cfg, recipe: ModelRecipe, precision: Precision, num_workers: in
         train = dataset is train_set
         augment = BatchAugment(cfg.image_size, train and cfg.data_aug and recipe.augment, recipe.mean, recipe.std)
         loaders.append(CachedBatches(split, cfg.batch_size, train, augment, precision.device, cfg.seed,
-                                     on_device=train and keep_on_device(cfg, precision, split)))
+                                     on_device=train and keep_on_device(cfg, precision, split),
+                                     rank=dist_info.rank, world=dist_info.world))
     return tuple(loaders)
 
 
@@ -182,15 +185,33 @@ def report_test(stats, class_names: list[str], header: str) -> dict:
 
 def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callable[[nn.Module], str] | None = None,
                    resume: str = "", after_test: Callable | None = None) -> int:
-    """Train with fit(), then evaluate best.pt on the test folder. Returns the exit code."""
-    precision = make_precision(cfg)
+    """Train with fit(), then evaluate best.pt on the test folder. Returns the exit code.
+
+    Under torchrun every rank runs this; rank 0 alone prints, logs and writes files.
+    """
+    dist_info, device_name = distributed.setup(cfg.device)
+    try:
+        return _train_and_test(cfg, recipe, run_name, summary_text, resume, after_test, dist_info, device_name)
+    finally:
+        distributed.teardown()
+
+
+def _train_and_test(cfg, recipe, run_name, summary_text, resume, after_test, dist_info: DistInfo,
+                    device_name: str) -> int:
+    main = dist_info.is_main
+    say = print if main else (lambda *args, **kwargs: None)
+    distributed.check_batch_size(cfg.batch_size, dist_info.world)
+    device = resolve_device(device_name)
+    precision = Precision(device, autocast_dtype(device, cfg.amp), use_channels_last(device, cfg.channels_last))
     seed_everything(cfg.seed)
     checkpoint = load_checkpoint(resume) if resume else None
     if checkpoint is not None:
         check_script(checkpoint, recipe.script, resume)
     num_workers = default_num_workers(cfg.num_workers)
+    if dist_info.enabled:
+        num_workers = max(0, num_workers // dist_info.world)
 
-    data_dir = ensure_dataset(cfg.data_dir, cfg.data_url, wants_download(cfg), cfg.keep_zip)
+    data_dir = ensure_dataset(cfg.data_dir, cfg.data_url, wants_download(cfg), cfg.keep_zip)  # locked: one downloads
     common = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
     train_set = NatureData(data_dir, "train", recipe.train_transform, **common)
     val_set = NatureData(data_dir, "val", recipe.eval_transform, **common)
@@ -199,16 +220,19 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
     if len(val_set) == 0:
         raise UsageError("--val_fraction 0 leaves no validation images, which best.pt and early stopping need; "
                          "use --val_fraction 0.2")
-    print(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
-          f"{len(class_names)} classes from {train_set.root.parent}")
-
+    say(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
+        f"{len(class_names)} classes from {train_set.root.parent}")
     train_loader, val_loader, test_loader = make_loaders(cfg, recipe, precision, num_workers,
-                                                         train_set, val_set, test_set)
+                                                         train_set, val_set, test_set, dist_info)
 
     # Build (and download) the model before creating the run directory, so a failure leaves nothing.
     model = prepare_model(recipe.build_model(len(class_names)), precision)
-    run_dir = Path(resume).resolve().parent if checkpoint is not None else create_run_dir(cfg.output_dir, run_name)
-    if summary_text is not None:
+    run_dir = None
+    if main:
+        run_dir = Path(resume).resolve().parent if checkpoint is not None else create_run_dir(cfg.output_dir, run_name)
+    if dist_info.enabled:
+        run_dir = distributed.broadcast_object(run_dir)
+    if summary_text is not None and main:
         (run_dir / "model_summary.txt").write_text(summary_text(model) + "\n")
     optimizer = build_optimizer(recipe.param_groups(model), cfg.optimizer, cfg.lr, cfg.momentum)
     steps_per_epoch = len(train_loader)
@@ -218,30 +242,34 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
     state = None
     if checkpoint is not None:
         state = restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
-        print(f"resuming {run_dir} after epoch {state.epoch} (best val_accuracy {state.best_val_accuracy:.4f})")
+        say(f"resuming {run_dir} after epoch {state.epoch} (best val_accuracy {state.best_val_accuracy:.4f})")
+    trained = wrap_ddp(model, cfg, recipe, dist_info, precision) if dist_info.enabled else model
 
     config = asdict(cfg)
-    write_json(run_dir / "config.json", dict(config, script=recipe.script, class_names=class_names))
+    if main:
+        write_json(run_dir / "config.json", dict(config, script=recipe.script, class_names=class_names))
     tracker = Tracker(run_dir, config, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_entity, run_name,
                       resume_id=checkpoint.get("wandb_run_id", "") if checkpoint else "",
-                      keep_through_epoch=state.epoch if state else None)
+                      keep_through_epoch=state.epoch if state else None, is_main=main)
     meta = {"script": recipe.script, "config": config, "class_names": class_names,
             "wandb_run_id": tracker.run_id, "format": 1}
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.autocast_dtype]
-    print(f"run directory: {run_dir}\ndevice: {precision.device} ({amp_name}"
-          f"{', channels_last' if precision.channels_last else ''}), {num_workers} data workers")
+    say(f"run directory: {run_dir}\ndevice: {precision.device} ({amp_name}"
+        f"{', channels_last' if precision.channels_last else ''}), "
+        f"{'decoded-image cache' if cfg.cache != 'off' else f'{num_workers} data workers'}"
+        f"{f', {dist_info.world} processes' if dist_info.enabled else ''}")
 
-    exit_code = EXIT_OK
-    trained, fit_train, fit_val, fit_precision = model, train_loader, val_loader, precision
-    if recipe.feature_cache is not None:
+    fit_train, fit_val, fit_precision = train_loader, val_loader, precision
+    if recipe.feature_cache is not None and not dist_info.enabled:
         extract, trained = recipe.feature_cache(model)
         started = time.perf_counter()
         fit_train = FeatureBatches(*compute_features(extract, train_loader, precision), cfg.batch_size, True, cfg.seed)
         fit_val = FeatureBatches(*compute_features(extract, val_loader, precision), cfg.batch_size, False, cfg.seed)
         # Features are computed in the autocast dtype already; the head runs in fp32 (it is tiny).
         fit_precision = Precision(precision.device)
-        print(f"frozen features of {len(fit_train.labels) + len(fit_val.labels)} images computed once in "
-              f"{time.perf_counter() - started:.1f}s; epochs now train the head only")
+        say(f"frozen features of {len(fit_train.labels) + len(fit_val.labels)} images computed once in "
+            f"{time.perf_counter() - started:.1f}s; epochs now train the head only")
+    reduce = distributed.all_reduce_sum if dist_info.enabled else None
     try:
         state = fit(
             trained, optimizer, scheduler, fit_train, fit_val, epochs=cfg.epochs, precision=fit_precision,
@@ -249,37 +277,66 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
             run_dir=run_dir, checkpoint_meta=meta, log_epoch=tracker.log_epoch, patience=cfg.patience,
             seed=cfg.seed, state=state, scaler=scaler,
             before_epoch=(lambda epoch: recipe.before_epoch(model, optimizer, epoch)) if recipe.before_epoch else None,
-            unwrap=lambda _: model,  # checkpoints hold the whole model (the head is shared with it)
+            unwrap=lambda _: model,  # checkpoints hold the whole, unwrapped model
+            is_main=main, reduce=reduce, barrier=distributed.barrier if dist_info.enabled else None,
         )
     except NonFiniteLoss as error:
         best = run_dir / "best.pt"
         kept = f"best.pt (epoch {state.best_epoch if state else '?'}) is kept" if best.exists() else "no epoch finished, so there is no best.pt"
-        print(f"{sys.argv[0] or recipe.script}: error: {error}; training stopped, {kept} in {run_dir}; "
-              "lower --lr or use --amp off", file=sys.stderr)
+        if main:
+            print(f"{recipe.script}.py: error: {error}; training stopped, {kept} in {run_dir}; "
+                  "lower --lr or use --amp off", file=sys.stderr)
         tracker.log_summary({"diverged": True})
         tracker.finish(exit_code=EXIT_DIVERGED)
         return EXIT_DIVERGED
     except TrainingInterrupted as interrupt:
-        print(f"\n{interrupt}; continue with: python {recipe.script}.py --resume {interrupt.checkpoint}",
-              file=sys.stderr)
+        if main:
+            print(f"\n{interrupt}; continue with: python {recipe.script}.py --resume {interrupt.checkpoint}",
+                  file=sys.stderr)
         tracker.finish(exit_code=EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
     best = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model"])
-    test = evaluate(model, test_loader, precision, len(class_names), desc="test", keep_predictions=True)
+    test = evaluate(model, test_loader, precision, len(class_names), desc="test", keep_predictions=True,
+                    show_progress=main, reduce=reduce)
+    if not main:
+        return EXIT_OK
     results = report_test(test, class_names, f"best.pt (epoch {state.best_epoch}, val_accuracy "
                                                f"{state.best_val_accuracy:.4f})")
     results.update(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy)
     write_json(run_dir / "test_metrics.json", results)
     tracker.log_summary({k: v for k, v in results.items() if not isinstance(v, dict)})
     tracker.log_summary({f"test_accuracy/{k}": v for k, v in results["test_per_class_accuracy"].items()})
-    if after_test is not None:
+    if after_test is not None and not dist_info.enabled:
         after_test(model=model, precision=precision, test_set=test_set, test_stats=test, run_dir=run_dir,
                    tracker=tracker, class_names=class_names)
     tracker.finish()
     print(f"saved {run_dir}/best.pt, last.pt, metrics.csv, config.json, test_metrics.json")
-    return exit_code
+    return EXIT_OK
+
+
+def wrap_ddp(model: nn.Module, cfg, recipe: ModelRecipe, dist_info: DistInfo, precision: Precision) -> nn.Module:
+    """DistributedDataParallel around model (optionally with synchronised BatchNorm)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if getattr(cfg, "sync_bn", False):
+        if precision.device.type != "cuda":
+            raise UsageError("--sync_bn works only on CUDA GPUs (PyTorch's SyncBatchNorm); drop it on the CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    # A strategy that unfreezes later (gradual) needs DDP to know those parameters from the
+    # start; it then skips them while they get no gradient.
+    unfreezes_later = bool(frozen) and recipe.before_epoch is not None
+    if unfreezes_later:
+        for p in frozen:
+            p.requires_grad_(True)
+    wrapped = DistributedDataParallel(
+        model, device_ids=[precision.device.index] if precision.device.type == "cuda" else None,
+        find_unused_parameters=unfreezes_later)
+    for p in frozen:
+        p.requires_grad_(False)
+    return wrapped
 
 
 def check_script(checkpoint: dict, script: str, path: str) -> None:

@@ -86,7 +86,8 @@ class FitState:
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss_fn, precision: Precision,
-                    epoch: int, show_progress: bool = True) -> EpochStats:
+                    epoch: int, show_progress: bool = True,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochStats:
     model.train()
     device = precision.device
     loss_sum = torch.zeros((), device=device)
@@ -122,8 +123,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    images = max(images, 1)
-    return EpochStats(loss_sum.item() / images, correct.item() / images, images, seconds)
+    if reduce is not None:  # every rank's share, so the numbers mean what one process would report
+        counts = reduce(torch.stack([loss_sum.double(), correct.double(),
+                                     torch.tensor(float(images), device=device, dtype=torch.float64)]))
+        loss_sum, correct, images = counts[0], counts[1], int(counts[2])
+    images_seen = max(images, 1)
+    return EpochStats(float(loss_sum) / images_seen, float(correct) / images_seen, images, seconds)
 
 
 def _check_finite(window: list[torch.Tensor], epoch: int, last_step: int) -> None:
@@ -258,7 +263,7 @@ def fit(
                     before_epoch(epoch)
                 lr = optimizer.param_groups[0]["lr"]
                 train = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, precision,
-                                        epoch, show_progress=is_main)
+                                        epoch, show_progress=is_main, reduce=reduce)
                 val = evaluate(model, val_loader, precision, num_classes, desc=f"epoch {epoch} val",
                                show_progress=is_main, reduce=reduce)
                 metrics = {

@@ -1,0 +1,98 @@
+"""torchrun support: process group, per-rank device, sharded batches, all-reduced counts.
+
+Every global batch of --batch_size images is split between the ranks as batch[rank::world],
+so together the ranks see exactly the batches one process would, and the gradient DDP averages
+is the one-process gradient. Eval batches are split the same way without padding, so every
+val/test image is counted once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_name: str) -> tuple[DistInfo, str]:
+    """Join torchrun's process group if launched by torchrun; returns (info, device name)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), device_name
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if use_cuda:
+        if info.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"torchrun started {world} processes on this node but only {torch.cuda.device_count()} "
+                             "GPU(s) are visible; lower --nproc_per_node")
+        torch.cuda.set_device(info.local_rank)
+        device_name = f"cuda:{info.local_rank}"
+    elif device_name == "auto":
+        device_name = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return info, device_name
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def broadcast_object(value, src: int = 0):
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def check_batch_size(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise UsageError(f"--batch_size {batch_size} does not split evenly over {world} processes; "
+                         f"use a multiple of {world}")
+
+
+class ShardedBatchSampler:
+    """Global batches (shuffled with `generator` when train), each cut to its [rank::world] part."""
+
+    def __init__(self, size: int, batch_size: int, train: bool, generator: torch.Generator, rank: int = 0,
+                 world: int = 1):
+        self.size, self.train, self.generator, self.rank, self.world = size, train, generator, rank, world
+        self.batch_size = min(batch_size, size)
+        # A last batch of a few images gives a noisy step (and breaks BN at size 1).
+        self.drop_last = train and size > batch_size
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=self.generator) if self.train else torch.arange(self.size)
+        for b in range(len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world].tolist()
