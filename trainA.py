@@ -19,6 +19,7 @@ from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, 
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args
 from utils.errors import UsageError
+from utils.runtime import resolve_device
 from utils.experiment import ModelRecipe, test_only, train_and_test
 from utils.pictures import make_all
 from utils.predict import predict
@@ -174,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cfg = config_from_args(args)
     check_config(cfg)
+    resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
     model = build_model(cfg)
     summary = summarize(model, (3, cfg.image_size, cfg.image_size))
     print(f"{run_name(cfg)}\n{summary.format()}")

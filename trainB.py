@@ -22,6 +22,7 @@ from utils.cli import OneLineParser, choice, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args
 from utils.errors import UsageError
+from utils.runtime import resolve_device
 from utils.experiment import ModelRecipe, test_only, train_and_test
 from utils.pictures import make_all
 from utils.predict import predict
@@ -229,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cfg = config_from_args(args)
     check_config(cfg)
+    resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
     print(run_name(cfg))
     if args.dry_run:
         model = build_structure(cfg)

@@ -23,7 +23,7 @@ from filelock import FileLock
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from .decode import load_rgb
+from .decode import UNREADABLE, load_rgb
 from .folder import Sample
 
 CACHE_VERSION = 1
@@ -67,7 +67,9 @@ def cache_key(samples: list[Sample], load_size: int, size: int, final: int) -> s
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{load_size}|{size}|{final}".encode())
     for sample in samples:
         st = os.stat(sample.path)
-        digest.update(f"{os.path.abspath(sample.path)}|{sample.label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        # fsencode: file names need not be valid UTF-8 (they arrive as surrogate escapes)
+        digest.update(os.fsencode(os.path.abspath(sample.path)))
+        digest.update(f"|{sample.label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
 
 
@@ -99,7 +101,7 @@ def _build(samples, load_size, size, final, array_path: Path, meta_path: Path, n
         def decode(index: int) -> tuple[int, str]:
             try:
                 out[index] = decode_square(samples[index].path, load_size, size, final)
-            except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for bad files
+            except UNREADABLE as error:
                 return index, str(error)
             return index, ""
 

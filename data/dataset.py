@@ -9,7 +9,7 @@ from typing import Callable, Literal
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .decode import load_rgb, working_size
+from .decode import UNREADABLE, load_rgb, working_size
 from .folder import Sample, resolve_folders, scan_split, stratified_split
 
 Split = Literal["train", "val", "test"]
@@ -66,7 +66,7 @@ class NatureData(Dataset):
         sample = self.samples[index]
         try:
             image = self.load(index)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for bad files
+        except UNREADABLE as error:
             print(f"warning: skipping unreadable image '{sample.path}' ({error})", file=sys.stderr)
             return None
         if self.transform is not None:

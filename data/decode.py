@@ -13,6 +13,11 @@ from PIL import Image, ImageOps
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+# What PIL raises for files it cannot decode: broken or non-image files (OSError and its
+# UnidentifiedImageError, ValueError, SyntaxError) and images over twice MAX_IMAGE_PIXELS.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def working_size(image_size: int) -> int:
     """Shorter side images are decoded to: a margin above the crop, as in resize 256 / crop 224."""
     return int(math.ceil(image_size * 8 / 7))
@@ -40,7 +45,7 @@ def load_rgb(path: str, shorter_side: int | None = None) -> Image.Image:
     """Open path, apply its EXIF orientation, convert to RGB, and shrink so the shorter side is
     shorter_side (never enlarged here: the transforms upsample small images if needed).
 
-    Raises OSError (or a PIL subclass of it) for files that are not readable images.
+    Raises one of UNREADABLE for files that are not readable images.
     """
     with warnings.catch_warnings():
         # Huge photos are legitimate here; draft mode keeps their decode cheap.

@@ -47,6 +47,8 @@ def filter_counts(num_filters: int | Sequence[int], filter_org: str | float, num
         >>> filter_counts(64, 0.75, 3)
         [64, 48, 36]
     """
+    if isinstance(num_filters, int) and num_filters < 1:
+        raise ModelConfigError(f"num_filters={num_filters} must be >= 1; try --num_filters 32")
     if not isinstance(num_filters, int):
         counts = [int(n) for n in num_filters]
         if len(counts) != num_blocks:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from data import IMAGE_EXTENSIONS, load_rgb, working_size
+from data.decode import UNREADABLE
 
 from .checkpoint import load_checkpoint
 from .errors import UsageError
@@ -40,8 +41,8 @@ def predict(paths: list[str], checkpoint_path: str, script: str,
             top: int = 3, prog: str = "") -> int:
     if not checkpoint_path:
         raise UsageError("--predict needs --checkpoint PATH (a best.pt or last.pt)")
+    checkpoint = load_checkpoint(checkpoint_path)  # refuse a bad checkpoint before anything else
     files = expand(paths)
-    checkpoint = load_checkpoint(checkpoint_path)
     if checkpoint.get("script") != script:
         raise UsageError(f"checkpoint '{checkpoint_path}' was written by {checkpoint.get('script')}.py; use that script")
     cfg, model, transform = rebuild(checkpoint)
@@ -52,7 +53,7 @@ def predict(paths: list[str], checkpoint_path: str, script: str,
     for path in files:
         try:
             image = load_rgb(str(path), working_size(cfg.image_size))
-        except (OSError, ValueError, SyntaxError) as error:
+        except UNREADABLE as error:
             print(f"{prog}: error: cannot read image '{path}' ({str(error)[:100]}); skipped", file=sys.stderr)
             failed += 1
             continue
