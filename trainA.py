@@ -14,15 +14,12 @@ from typing import Sequence
 
 from data import build_eval_transform, build_train_transform, working_size
 from models import ACTIVATION_NAMES, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
-from models.errors import ModelConfigError
 from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args
 from utils.errors import UsageError
 from utils.runtime import resolve_device
-from utils.experiment import ModelRecipe, test_only, train_and_test
-from utils.pictures import make_all
-from utils.predict import predict
+from utils.experiment import ModelRecipe, config_for_run, pictures_maker, run_checkpoint_action, train_and_test
 from utils.optim import split_decay
 
 
@@ -143,37 +140,13 @@ def rebuild_from_checkpoint(checkpoint: dict):
     return cfg, model, build_eval_transform(cfg.image_size)
 
 
-def pictures_maker(cfg):
-    def make(model, precision, test_set, test_stats, run_dir, tracker, class_names):
-        paths = make_all(model, precision, test_set, test_stats, run_dir, tracker, class_names, cfg.seed,
-                         guided=True)
-        print("pictures: " + ", ".join(p.name for p in paths.values()))
-    return make
-
-
-def explicit_flags(args, parser) -> set[str]:
-    return {name for name, value in vars(args).items() if value != parser.get_default(name)}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.predict:
-        return predict(args.predict, args.checkpoint, "trainA", rebuild_from_checkpoint, args.device, prog="trainA.py")
-    if args.test_only:
-        given = explicit_flags(args, parser)
-        return test_only(args.checkpoint, "trainA", rebuild_from_checkpoint,
-                         data_dir=args.data_dir if "data_dir" in given else None, device=args.device,
-                         batch_size=args.batch_size if "batch_size" in given else None, num_workers=args.num_workers)
-    if args.resume:
-        from utils.checkpoint import load_checkpoint
-
-        saved = config_from_checkpoint(load_checkpoint(args.resume))
-        overrides = explicit_flags(args, parser) & {"data_dir", "device", "num_workers", "wandb_mode", "epochs"}
-        cfg = ConfigA(**{**{f.name: getattr(saved, f.name) for f in fields(saved)},
-                         **{name: getattr(args, name) for name in overrides}})
-    else:
-        cfg = config_from_args(args)
+    code = run_checkpoint_action(args, parser, "trainA", rebuild_from_checkpoint)
+    if code is not None:
+        return code
+    cfg = config_for_run(args, parser, config_from_args, config_from_checkpoint)
     check_config(cfg)
     resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
     model = build_model(cfg)
@@ -191,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resize_size=working_size(cfg.image_size),
     )
     return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume,
-                          after_test=pictures_maker(cfg) if cfg.pictures else None,
+                          after_test=pictures_maker(cfg, guided=True) if cfg.pictures else None,
                           summary_text=lambda m: summarize(m, (3, cfg.image_size, cfg.image_size)).format())
 
 

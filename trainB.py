@@ -17,15 +17,12 @@ import torch
 
 from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, working_size
 from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family, resolve_weights, weights_eval_preset
-from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, choice, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args
 from utils.errors import UsageError
 from utils.runtime import resolve_device
-from utils.experiment import ModelRecipe, test_only, train_and_test
-from utils.pictures import make_all
-from utils.predict import predict
+from utils.experiment import ModelRecipe, config_for_run, pictures_maker, run_checkpoint_action, train_and_test
 from utils.optim import split_decay
 
 STRATEGIES = ("freeze_all", "freeze_upto", "full", "gradual")
@@ -200,35 +197,13 @@ def rebuild_from_checkpoint(checkpoint: dict):
     return cfg, model, eval_transform(cfg)
 
 
-def pictures_maker(cfg):
-    def make(model, precision, test_set, test_stats, run_dir, tracker, class_names):
-        paths = make_all(model, precision, test_set, test_stats, run_dir, tracker, class_names, cfg.seed,
-                         guided=False)
-        print("pictures: " + ", ".join(p.name for p in paths.values()))
-    return make
-
-
-def explicit_flags(args, parser) -> set[str]:
-    return {name for name, value in vars(args).items() if value != parser.get_default(name)}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.predict:
-        return predict(args.predict, args.checkpoint, "trainB", rebuild_from_checkpoint, args.device, prog="trainB.py")
-    if args.test_only:
-        given = explicit_flags(args, parser)
-        return test_only(args.checkpoint, "trainB", rebuild_from_checkpoint,
-                         data_dir=args.data_dir if "data_dir" in given else None, device=args.device,
-                         batch_size=args.batch_size if "batch_size" in given else None, num_workers=args.num_workers)
-    if args.resume:
-        saved = config_from_checkpoint(load_checkpoint(args.resume))
-        overrides = explicit_flags(args, parser) & {"data_dir", "device", "num_workers", "wandb_mode", "epochs"}
-        cfg = ConfigB(**{**{f.name: getattr(saved, f.name) for f in fields(saved)},
-                         **{name: getattr(args, name) for name in overrides}})
-    else:
-        cfg = config_from_args(args)
+    code = run_checkpoint_action(args, parser, "trainB", rebuild_from_checkpoint)
+    if code is not None:
+        return code
+    cfg = config_for_run(args, parser, config_from_args, config_from_checkpoint)
     check_config(cfg)
     resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
     print(run_name(cfg))
@@ -263,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return text
 
     return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume,
-                          after_test=pictures_maker(cfg) if cfg.pictures else None, summary_text=describe)
+                          after_test=pictures_maker(cfg, guided=False) if cfg.pictures else None, summary_text=describe)
 
 
 if __name__ == "__main__":

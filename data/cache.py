@@ -113,7 +113,7 @@ def _build(samples, load_size, size, final, array_path: Path, meta_path: Path, n
             for index, error in pool.map(decode, range(len(samples))):
                 _record(index, error, samples, valid, bar)
         out.flush()
-        del out
+        out = None  # unmap before the rename (needed on Windows)
         os.replace(tmp, array_path)
         meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")
         meta_tmp.write_text(json.dumps({"version": CACHE_VERSION, "size": size, "final": final, "count": len(samples),

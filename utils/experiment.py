@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from .runtime import autocast_dtype, default_num_workers, resolve_device, seed_e
 from . import distributed
 from .distributed import DistInfo, ShardedBatchSampler
 from .tracking import Tracker
-from .train import FitState, NonFiniteLoss, Precision, TrainingInterrupted, evaluate, fit, restore_training_state
+from .train import NonFiniteLoss, Precision, TrainingInterrupted, evaluate, fit, restore_training_state
 
 EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -337,6 +338,49 @@ def wrap_ddp(model: nn.Module, cfg, recipe: ModelRecipe, dist_info: DistInfo, pr
     for p in frozen:
         p.requires_grad_(False)
     return wrapped
+
+
+# What --resume lets a user change; everything else comes from the run's own checkpoint.
+RESUME_OVERRIDES = frozenset({"data_dir", "device", "num_workers", "wandb_mode", "epochs"})
+
+
+def explicit_flags(args, parser) -> set[str]:
+    """Flags the user gave a value other than the default."""
+    return {name for name, value in vars(args).items() if value != parser.get_default(name)}
+
+
+def run_checkpoint_action(args, parser, script: str, rebuild: Callable) -> int | None:
+    """--predict / --test_only, which need only a checkpoint; None when neither was asked for."""
+    from .predict import predict
+
+    if args.predict:
+        return predict(args.predict, args.checkpoint, script, rebuild, args.device, prog=f"{script}.py")
+    if args.test_only:
+        given = explicit_flags(args, parser)
+        return test_only(args.checkpoint, script, rebuild, data_dir=args.data_dir if "data_dir" in given else None,
+                         device=args.device, batch_size=args.batch_size if "batch_size" in given else None,
+                         num_workers=args.num_workers)
+    return None
+
+
+def config_for_run(args, parser, from_args: Callable, from_checkpoint: Callable):
+    """The run's config: from the flags, or with --resume from the checkpoint plus the few
+    flags RESUME_OVERRIDES allows to change."""
+    if not args.resume:
+        return from_args(args)
+    saved = from_checkpoint(load_checkpoint(args.resume))
+    return dataclasses.replace(saved, **{name: getattr(args, name) for name in explicit_flags(args, parser)
+                                         & RESUME_OVERRIDES})
+
+
+def pictures_maker(cfg, guided: bool) -> Callable:
+    """The after_test hook that draws every picture of a finished run."""
+    def make(model, precision, test_set, test_stats, run_dir, tracker, class_names):
+        from .pictures import make_all
+
+        paths = make_all(model, precision, test_set, test_stats, run_dir, tracker, class_names, cfg.seed, guided=guided)
+        print("pictures: " + ", ".join(p.name for p in paths.values()))
+    return make
 
 
 def check_script(checkpoint: dict, script: str, path: str) -> None:
