@@ -153,3 +153,19 @@ def test_learns_an_easy_task_well_above_chance(tmp_path):
                         "-lr", "3e-3"]) == 0
     results = json.loads((run_dir_of(out) / "test_metrics.json").read_text())
     assert results["test_accuracy"] >= 0.75, results  # chance is 0.25
+
+
+def test_compile_flag_compiles_the_trained_model_and_checkpoints_stay_plain(tiny_data, tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(model, **kwargs):  # the real one needs a compiler toolchain and minutes
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "runs"
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS,
+                        "--compile", "true"]) == 0
+    assert len(compiled) == 1
+    state = torch.load(run_dir_of(out) / "best.pt", weights_only=True)["model"]
+    assert not any(key.startswith("_orig_mod") for key in state)

@@ -39,6 +39,7 @@ class TrainConfig:
     cache: str = "auto"  # decode every image once into a uint8 array on disk; off = decode per epoch
     cache_dir: str = ""  # default: ~/.cache/inat12k/decoded (or $XDG_CACHE_HOME)
     data_on_device: str = "auto"  # keep the decoded train set in GPU memory when it fits
+    compile: bool = False  # torch.compile the model (slow first steps, faster later ones)
     # hardware
     device: str = "auto"
     amp: str = "auto"
@@ -110,6 +111,9 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> No
     group.add_argument("--data_on_device", "--data-on-device", type=choice("auto", "true", "false"),
                        default=d.data_on_device,
                        help="keep decoded images in GPU memory: auto = when they take < 40%% of free GPU memory (default: auto)")
+
+    add_bool(group, "--compile", default=d.compile,
+             help="torch.compile the model: compiling costs the first steps, later ones may run faster")
 
     group = parser.add_argument_group("hardware")
     group.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: auto)")

@@ -245,6 +245,9 @@ def _train_and_test(cfg, recipe, run_name, summary_text, resume, after_test, dis
         state = restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
         say(f"resuming {run_dir} after epoch {state.epoch} (best val_accuracy {state.best_val_accuracy:.4f})")
     trained = wrap_ddp(model, cfg, recipe, dist_info, precision) if dist_info.enabled else model
+    if cfg.compile:
+        # Checkpoints keep saving `model`, whose state_dict keys the compiled wrapper would prefix.
+        trained = torch.compile(trained)
 
     config = asdict(cfg)
     if main:
