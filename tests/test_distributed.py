@@ -96,3 +96,37 @@ def test_sharded_batches_together_are_the_single_process_batches(train):
         assert sorted(a + b) == sorted(whole)
     seen = [i for batch in single for i in batch]
     assert len(seen) == len(set(seen)) and len(seen) == (18 if train else 21)
+
+
+def test_resume_under_torchrun_continues_the_run(tmp_path):
+    data = make_dataset(tmp_path / "data", train_per_class=12, test_per_class=5)
+    args = ["--data_dir", str(data), *COMMON, "--cache_dir", str(tmp_path / "cache")]
+    first = run([*args, "-e", "1", "--output_dir", str(tmp_path / "out")], 2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir, rows = metrics(tmp_path / "out")
+    resumed = run(["--resume", str(run_dir / "last.pt"), "-e", "2", "--num_workers", "0"], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, rows = metrics(tmp_path / "out")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_ctrl_c_on_the_launcher_leaves_a_valid_last_pt(tmp_path):
+    import signal
+    import time
+
+    data = make_dataset(tmp_path / "data", train_per_class=30, test_per_class=2)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(ROOT / "trainA.py"), "--data_dir", str(data), *COMMON, "-e", "200", "-b", "2",
+            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("epoch 1/200"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    (run_dir,) = list((tmp_path / "out").iterdir())
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["epoch"] >= 1 and last["model"]
