@@ -16,7 +16,7 @@ from data import build_eval_transform, build_train_transform, working_size
 from models import ACTIVATION_NAMES, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
 from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
 from utils.cli import config_from_args as _config_from_args
-from utils.config import TrainConfig, add_action_args, add_train_args
+from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
 from utils.errors import UsageError
 from utils.runtime import resolve_device
 from utils.experiment import ModelRecipe, config_for_run, pictures_maker, run_checkpoint_action, train_and_test
@@ -129,8 +129,7 @@ def run_name(cfg: ConfigA) -> str:
 
 
 def config_from_checkpoint(checkpoint: dict) -> ConfigA:
-    known = {f.name for f in fields(ConfigA)}
-    return normalise(ConfigA(**{k: v for k, v in checkpoint["config"].items() if k in known}))
+    return normalise(config_from_dict(ConfigA, checkpoint["config"]))
 
 
 def rebuild_from_checkpoint(checkpoint: dict):

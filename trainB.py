@@ -10,7 +10,7 @@ iNaturalist-12K by replacing its head with an N-way one, with a choice of freezi
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -19,7 +19,7 @@ from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_
 from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family, resolve_weights, weights_eval_preset
 from utils.cli import OneLineParser, choice, number, run_cli
 from utils.cli import config_from_args as _config_from_args
-from utils.config import TrainConfig, add_action_args, add_train_args
+from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
 from utils.errors import UsageError
 from utils.runtime import resolve_device
 from utils.experiment import ModelRecipe, config_for_run, pictures_maker, run_checkpoint_action, train_and_test
@@ -184,8 +184,7 @@ def split_for_features(model: FineTuneNet):
 
 
 def config_from_checkpoint(checkpoint: dict) -> ConfigB:
-    known = {f.name for f in fields(ConfigB)}
-    return ConfigB(**{k: v for k, v in checkpoint["config"].items() if k in known})
+    return config_from_dict(ConfigB, checkpoint["config"])
 
 
 def rebuild_from_checkpoint(checkpoint: dict):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .cli import add_bool, choice, number, str2bool
 
@@ -53,6 +53,12 @@ class TrainConfig:
     wandb_project: str = "inat12k"
     wandb_entity: str = ""
     pictures: bool = True
+
+
+def config_from_dict(config_cls, values: dict):
+    """A config from a checkpoint's saved dict; keys this version does not know are dropped."""
+    known = {f.name for f in fields(config_cls)}
+    return config_cls(**{key: value for key, value in values.items() if key in known})
 
 
 def wants_download(cfg: TrainConfig) -> bool:
