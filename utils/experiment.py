@@ -161,8 +161,9 @@ class FeatureBatches:
             yield self.features[index], self.labels[index]
 
 
-def make_precision(cfg) -> Precision:
-    device = resolve_device(cfg.device)
+def make_precision(cfg, device_name: str) -> Precision:
+    """Device, autocast dtype and memory format for a config's --amp/--channels_last."""
+    device = resolve_device(device_name)
     return Precision(device, autocast_dtype(device, cfg.amp), use_channels_last(device, cfg.channels_last))
 
 
@@ -202,8 +203,7 @@ def _train_and_test(cfg, recipe, run_name, summary_text, resume, after_test, dis
     main = dist_info.is_main
     say = print if main else (lambda *args, **kwargs: None)
     distributed.check_batch_size(cfg.batch_size, dist_info.world)
-    device = resolve_device(device_name)
-    precision = Precision(device, autocast_dtype(device, cfg.amp), use_channels_last(device, cfg.channels_last))
+    precision = make_precision(cfg, device_name)
     seed_everything(cfg.seed)
     checkpoint = load_checkpoint(resume) if resume else None
     if checkpoint is not None:
@@ -403,8 +403,7 @@ def test_only(checkpoint_path: str, script: str, rebuild: Callable[[dict], tuple
     checkpoint = load_checkpoint(checkpoint_path)
     check_script(checkpoint, script, checkpoint_path)
     cfg, model, eval_transform = rebuild(checkpoint)
-    precision = Precision(resolve_device(device), autocast_dtype(resolve_device(device), cfg.amp),
-                          use_channels_last(resolve_device(device), cfg.channels_last))
+    precision = make_precision(cfg, device)
     test_set = NatureData(ensure_dataset(data_dir or cfg.data_dir, download=False), "test", eval_transform,
                           image_size=cfg.image_size)
     if test_set.classes != list(checkpoint["class_names"]):
