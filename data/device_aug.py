@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import DecodedSplit, to_tensor_batch
+from .sampler import ShardedBatchSampler
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -113,26 +114,20 @@ class CachedBatches:
     def __init__(self, split: DecodedSplit, batch_size: int, train: bool, augment: BatchAugment,
                  device: torch.device, seed: int = 0, on_device: bool = False, rank: int = 0, world: int = 1):
         self.split, self.augment, self.device, self.train = split, augment, device, train
-        self.rank, self.world = rank, world  # each global batch is cut to its [rank::world] part
+        self.rank = rank
         self.indices = torch.from_numpy(np.flatnonzero(split.valid))
-        self.batch_size = min(batch_size, len(self.indices))
-        # A last batch of a few images gives a noisy step (and breaks BN at size 1).
-        self.drop_last = train and len(self.indices) > batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = ShardedBatchSampler(len(self.indices), batch_size, train, self.generator, rank, world)
         self.images = self.labels = None
         if on_device:
             self.images, self.labels = to_tensor_batch(split, self.indices)
             self.images, self.labels = self.images.to(device), self.labels.to(device)
 
     def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return len(self.sampler)
 
     def _batches(self):
-        n = len(self.indices)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        for b in range(len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
+        return (torch.tensor(positions, dtype=torch.long) for positions in self.sampler)
 
     def _host_batches(self):
         """Gather on a background thread, one batch ahead."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_dataset
-from utils.distributed import ShardedBatchSampler
+from data.sampler import ShardedBatchSampler
 
 COMMON = ["-e", "2", "-is", "32", "-nf", "4", "-fo", "same", "-dn", "16", "-b", "8", "--device", "cpu",
           "--wandb_mode", "disabled", "--amp", "off", "--channels_last", "false", "--no_pictures",

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from data import IMAGENET_MEAN, IMAGENET_STD, NatureData, collate_skipping_unreadable, ensure_dataset
+from data.sampler import ShardedBatchSampler
 from data.cache import build_or_load, default_cache_dir
 from data.device_aug import BatchAugment, CachedBatches
 
@@ -27,7 +28,7 @@ from .errors import UsageError
 from .optim import build_optimizer, build_scheduler
 from .runtime import autocast_dtype, default_num_workers, resolve_device, seed_everything, use_channels_last
 from . import distributed
-from .distributed import DistInfo, ShardedBatchSampler
+from .distributed import DistInfo
 from .tracking import Tracker
 from .train import NonFiniteLoss, Precision, TrainingInterrupted, evaluate, fit, restore_training_state
 
@@ -143,21 +144,16 @@ class FeatureBatches:
     """Shuffled batches of precomputed features; same per-epoch seeding contract as the loaders."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, seed: int):
-        self.features, self.labels, self.train = features, labels, train
-        self.batch_size = min(batch_size, len(labels))
-        self.drop_last = train and len(labels) > batch_size
+        self.features, self.labels = features, labels
         self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = ShardedBatchSampler(len(labels), batch_size, train, self.generator)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.sampler)
 
     def __iter__(self):
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        order = order.to(self.labels.device)
-        for b in range(len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+        for positions in self.sampler:
+            index = torch.tensor(positions, device=self.labels.device)
             yield self.features[index], self.labels[index]
 
 
