@@ -214,16 +214,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # With --resume the weights come from last.pt: skip the download.
     weights = "none" if args.resume else None
+    resize_size, mean, std = eval_preset(cfg)
     recipe = ModelRecipe(
         script="trainB",
         build_model=lambda num_classes: build_model(cfg, num_classes, weights),
         param_groups=lambda model: param_groups(model, cfg),
         # Features are computed once, so with the feature cache train images are not augmented.
         train_transform=build_train_transform(cfg.image_size, cfg.data_aug and not uses_feature_cache(cfg)),
-        eval_transform=eval_transform(cfg),
-        resize_size=eval_preset(cfg)[0],
-        mean=eval_preset(cfg)[1],
-        std=eval_preset(cfg)[2],
+        eval_transform=build_eval_transform(cfg.image_size, resize_size, mean, std),
+        resize_size=resize_size,
+        mean=mean,
+        std=std,
         before_epoch=unfreeze_after_head_epochs(cfg),
         feature_cache=split_for_features if uses_feature_cache(cfg) else None,
         augment=not uses_feature_cache(cfg),
