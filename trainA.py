@@ -12,14 +12,15 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from data import build_eval_transform, build_train_transform, working_size
-from models import ACTIVATION_NAMES, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
+from data import AugmentSpec, build_eval_transform, build_train_transform, working_size
+from models import ACTIVATION_NAMES, GLOBAL_POOLS, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
 from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
+from utils.checkpoint import inference_weights
 from utils.errors import UsageError
-from utils.runtime import resolve_device
-from utils.experiment import ModelRecipe, config_for_run, pictures_maker, run_checkpoint_action, train_and_test
+from utils.actions import ScriptSpec, open_run, pictures_maker
+from utils.run import ModelRecipe, train_and_test
 from utils.optim import split_decay
 
 
@@ -34,6 +35,7 @@ class ConfigA(TrainConfig):
     dropout: float = 0.2  # before the output layer
     conv_dropout: float = 0.0  # channel dropout after each block
     dense_neurons: int = 256
+    global_pool: str = "none"  # none: flatten the last map (the assignment's); avg: average each channel
     wandb_project: str = "inat12k-partA"
 
 
@@ -58,6 +60,9 @@ def get_args_parser() -> OneLineParser:
                        default=d.conv_dropout, help=f"channel dropout after each conv block (default: {d.conv_dropout})")
     group.add_argument("-dn", "--dense_neurons", "--dense-neurons", type=number(int, 1, 65536), default=d.dense_neurons,
                        help=f"width of the dense layer (default: {d.dense_neurons})")
+    group.add_argument("--global_pool", "--global-pool", type=choice(*GLOBAL_POOLS), default=d.global_pool,
+                       help="before the dense layer: none = flatten the last feature map, avg = average each "
+                       f"channel over it (default: {d.global_pool})")
     group.add_argument("--num_blocks", "--num-blocks", type=number(int, 1, 8), default=d.num_blocks,
                        help=f"conv-activation-maxpool blocks (default: {d.num_blocks})")
     add_train_args(parser, d)
@@ -67,10 +72,6 @@ def get_args_parser() -> OneLineParser:
 
 # Flags whose combinations decide whether the model builds (checked jointly by sweep_check).
 SHAPE_FIELDS = ("num_blocks", "num_filters", "filter_org", "filter_size", "image_size", "dense_neurons")
-
-
-def parse_args(argv: Sequence[str] | None = None):
-    return get_args_parser().parse_args(argv)
 
 
 def config_from_args(args) -> ConfigA:
@@ -94,7 +95,7 @@ def build_model(cfg: ConfigA, num_classes: int = 10):
         num_classes=num_classes, image_size=cfg.image_size, num_filters=cfg.num_filters,
         filter_org=cfg.filter_org, filter_size=cfg.filter_size, activation=cfg.activation,
         batch_norm=cfg.batch_norm, dropout=cfg.dropout, conv_dropout=cfg.conv_dropout,
-        dense_neurons=cfg.dense_neurons, num_blocks=cfg.num_blocks,
+        dense_neurons=cfg.dense_neurons, num_blocks=cfg.num_blocks, global_pool=cfg.global_pool,
     )
 
 
@@ -135,19 +136,14 @@ def config_from_checkpoint(checkpoint: dict) -> ConfigA:
 def rebuild_from_checkpoint(checkpoint: dict):
     cfg = config_from_checkpoint(checkpoint)
     model = build_model(cfg, len(checkpoint["class_names"]))
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(inference_weights(checkpoint))
     return cfg, model, build_eval_transform(cfg.image_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    code = run_checkpoint_action(args, parser, "trainA", rebuild_from_checkpoint)
+    code, args, cfg = open_run(SPEC, argv)
     if code is not None:
         return code
-    cfg = config_for_run(args, parser, config_from_args, config_from_checkpoint)
-    check_config(cfg)
-    resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
     model = build_model(cfg)
     summary = summarize(model, (3, cfg.image_size, cfg.image_size))
     print(f"{run_name(cfg)}\n{summary.format()}")
@@ -158,13 +154,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         script="trainA",
         build_model=lambda num_classes: build_model(cfg, num_classes),
         param_groups=lambda m: split_decay(m.named_parameters(), cfg.lr, cfg.weight_decay),
-        train_transform=build_train_transform(cfg.image_size, cfg.data_aug),
+        train_transform=build_train_transform(cfg.image_size, cfg.data_aug and AugmentSpec.from_config(cfg)),
         eval_transform=build_eval_transform(cfg.image_size),
         resize_size=working_size(cfg.image_size),
     )
-    return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume,
+    return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,
+                          lr_find_steps=args.lr_find_steps if args.lr_find else 0,
                           after_test=pictures_maker(cfg, guided=True) if cfg.pictures else None,
                           summary_text=lambda m: summarize(m, (3, cfg.image_size, cfg.image_size)).format())
+
+
+SPEC = ScriptSpec("trainA", get_args_parser, config_from_args, config_from_checkpoint, check_config, build_model,
+                  run_name, rebuild_from_checkpoint, SHAPE_FIELDS)
 
 
 if __name__ == "__main__":

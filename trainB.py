@@ -15,14 +15,15 @@ from typing import Sequence
 
 import torch
 
-from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, working_size
+from data import AugmentSpec, IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, working_size
 from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family, resolve_weights, weights_eval_preset
 from utils.cli import OneLineParser, choice, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
+from utils.checkpoint import inference_weights
 from utils.errors import UsageError
-from utils.runtime import resolve_device
-from utils.experiment import ModelRecipe, config_for_run, pictures_maker, run_checkpoint_action, train_and_test
+from utils.actions import ScriptSpec, open_run, pictures_maker
+from utils.run import ModelRecipe, train_and_test
 from utils.optim import split_decay
 
 STRATEGIES = ("freeze_all", "freeze_upto", "full", "gradual")
@@ -86,10 +87,6 @@ def get_args_parser() -> OneLineParser:
     add_train_args(parser, d)
     add_action_args(parser)
     return parser
-
-
-def parse_args(argv: Sequence[str] | None = None):
-    return get_args_parser().parse_args(argv)
 
 
 def config_from_args(args) -> ConfigB:
@@ -192,19 +189,14 @@ def rebuild_from_checkpoint(checkpoint: dict):
     cfg = config_from_checkpoint(checkpoint)
     model = build_finetune_model(cfg.arch, len(checkpoint["class_names"]), "none", cfg.head, cfg.head_hidden,
                                  cfg.head_dropout)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(inference_weights(checkpoint))
     return cfg, model, eval_transform(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    code = run_checkpoint_action(args, parser, "trainB", rebuild_from_checkpoint)
+    code, args, cfg = open_run(SPEC, argv)
     if code is not None:
         return code
-    cfg = config_for_run(args, parser, config_from_args, config_from_checkpoint)
-    check_config(cfg)
-    resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
     print(run_name(cfg))
     if args.dry_run:
         model = build_structure(cfg)
@@ -220,12 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_model=lambda num_classes: build_model(cfg, num_classes, weights),
         param_groups=lambda model: param_groups(model, cfg),
         # Features are computed once, so with the feature cache train images are not augmented.
-        train_transform=build_train_transform(cfg.image_size, cfg.data_aug and not uses_feature_cache(cfg)),
+        train_transform=build_train_transform(cfg.image_size, cfg.data_aug and not uses_feature_cache(cfg)
+                                              and AugmentSpec.from_config(cfg), resize_size, mean, std),
         eval_transform=build_eval_transform(cfg.image_size, resize_size, mean, std),
         resize_size=resize_size,
         mean=mean,
         std=std,
-        before_epoch=unfreeze_after_head_epochs(cfg),
+        # Only gradual changes what trains mid-run (and so needs DDP's find_unused_parameters).
+        before_epoch=unfreeze_after_head_epochs(cfg) if cfg.strategy == "gradual" else None,
         feature_cache=split_for_features if uses_feature_cache(cfg) else None,
         augment=not uses_feature_cache(cfg),
     )
@@ -237,8 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         return text
 
-    return train_and_test(cfg, recipe, run_name(cfg), resume=args.resume,
+    return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,
+                          lr_find_steps=args.lr_find_steps if args.lr_find else 0,
                           after_test=pictures_maker(cfg, guided=False) if cfg.pictures else None, summary_text=describe)
+
+
+SPEC = ScriptSpec("trainB", get_args_parser, config_from_args, config_from_checkpoint, check_config, build_model,
+                  run_name, rebuild_from_checkpoint, SHAPE_FIELDS)
 
 
 if __name__ == "__main__":

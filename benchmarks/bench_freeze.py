@@ -29,11 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import IMAGENET_MEAN, IMAGENET_STD, NatureData, working_size  # noqa: E402
 from data.cache import build_or_load  # noqa: E402
-from data.device_aug import BatchAugment, CachedBatches  # noqa: E402
+from data.augment import BatchAugment  # noqa: E402
+from data.loaders import CachedBatches  # noqa: E402
 from models.backbone import FREEZE_ALL, build_finetune_model  # noqa: E402
-from utils.experiment import FeatureBatches, compute_features  # noqa: E402
+from data.loaders import FeatureBatches  # noqa: E402
+from utils.features import compute_features  # noqa: E402
 from utils.runtime import autocast_dtype, resolve_device, use_channels_last  # noqa: E402
-from utils.train import Precision, train_one_epoch  # noqa: E402
+from utils.runtime import Precision  # noqa: E402
+from utils.train import train_one_epoch  # noqa: E402
 
 
 def epoch(model, loader, precision: Precision) -> float:

@@ -4,8 +4,8 @@ from .dataset import NatureData, collate_skipping_unreadable
 from .decode import load_rgb, working_size
 from .download import DEFAULT_URL, ensure_dataset
 from .errors import DatasetError
-from .folder import IMAGE_EXTENSIONS, resolve_folders, scan_split, stratified_split
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from .folder import IMAGE_EXTENSIONS, resolve_folders, scan_split, stratified_split, stratified_subset
+from .transforms import AUTO_AUGMENTS, IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, build_eval_transform, build_train_transform
 
 __all__ = [
     "NatureData",
@@ -19,6 +19,9 @@ __all__ = [
     "resolve_folders",
     "scan_split",
     "stratified_split",
+    "stratified_subset",
+    "AUTO_AUGMENTS",
+    "AugmentSpec",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "build_eval_transform",

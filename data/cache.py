@@ -9,9 +9,11 @@ renamed into place under a file lock: a second process waits and reuses the resu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,18 +75,58 @@ def cache_key(samples: list[Sample], load_size: int, size: int, final: int) -> s
     return digest.hexdigest()[:24]
 
 
+class CacheUnavailable(OSError):
+    """The cache folder cannot be used (not a folder, not writable, full); the caller streams instead."""
+
+
 def build_or_load(samples: list[Sample], load_size: int, size: int, final: int, cache_dir: Path,
                   name: str = "split", workers: int | None = None) -> DecodedSplit:
-    """The cached split for these files and settings, building it first if needed."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    """The cached split for these files and settings, building it first if needed.
+
+    A complete cache is read without taking the lock (so it works from a read-only folder);
+    one that fails validation is rebuilt. Raises CacheUnavailable, naming the folder, when it
+    cannot be built there.
+    """
     key = cache_key(samples, load_size, size, final)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    with FileLock(str(cache_dir / f"{key}.lock")):
-        if not (array_path.exists() and meta_path.exists()):
-            _build(samples, load_size, size, final, array_path, meta_path, name, workers)
-    meta = json.loads(meta_path.read_text())
+    split = _load_valid(array_path, meta_path, samples, size)
+    if split is not None:
+        return split
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache_dir / f"{key}.lock")):
+            split = _load_valid(array_path, meta_path, samples, size)  # another process may have built it
+            if split is None:
+                _remove_leftovers(cache_dir, key, array_path, meta_path)
+                _build(samples, load_size, size, final, array_path, meta_path, name, workers)
+                split = _load_valid(array_path, meta_path, samples, size)
+    except CacheUnavailable:
+        raise
+    except OSError as error:
+        raise CacheUnavailable(f"cannot write the decoded-image cache in '{cache_dir}' ({error.strerror or error})") from None
+    if split is None:
+        raise CacheUnavailable(f"the decoded-image cache built in '{cache_dir}' does not read back")
+    return split
+
+
+def _load_valid(array_path: Path, meta_path: Path, samples: list[Sample], size: int) -> DecodedSplit | None:
+    """The split if both files exist and agree with each other and with samples; else None (a
+    broken one is reported once, then rebuilt by the caller)."""
+    if not (array_path.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        images = np.load(array_path, mmap_mode="r")
+        count = len(samples)
+        if (meta.get("count") != count or len(meta.get("valid", ())) != count
+                or images.shape != (count, size, size, 3) or images.dtype != np.uint8):
+            raise ValueError(f"holds {images.shape} for {count} images of {size}x{size}")
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        print(f"warning: decoded-image cache '{array_path}' is broken ({str(error)[:100]}); rebuilding it",
+              file=sys.stderr)
+        return None
     return DecodedSplit(
-        images=np.load(array_path, mmap_mode="r"),
+        images=images,
         labels=np.array([s.label for s in samples], dtype=np.int64),
         valid=np.array(meta["valid"], dtype=bool),
         paths=[s.path for s in samples],
@@ -92,10 +134,35 @@ def build_or_load(samples: list[Sample], load_size: int, size: int, final: int, 
     )
 
 
+def _remove_leftovers(cache_dir: Path, key: str, *paths: Path) -> None:
+    """Under the lock nobody else builds this key: any temporary file of it was left by a killed
+    build, and any final file failed validation."""
+    for path in [*paths, *cache_dir.glob(f".{key}.tmp-*")]:
+        path.unlink(missing_ok=True)
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Claim the array's disk space up front: a full disk is then an error here, not a SIGBUS
+    while writing through the memory map."""
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes:
+        raise CacheUnavailable(f"'{path.parent}' has {free / 1e9:.1f} GB free, the decoded images need "
+                               f"{nbytes / 1e9:.1f} GB")
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise CacheUnavailable(f"'{path.parent}' is full ({nbytes / 1e9:.1f} GB needed)") from None
+        except AttributeError:  # no posix_fallocate on this platform
+            pass
+
+
 def _build(samples, load_size, size, final, array_path: Path, meta_path: Path, name: str, workers: int | None) -> None:
     tmp = array_path.with_name(f".{array_path.stem}.tmp-{os.getpid()}.npy")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), size, size, 3))
+        _reserve(tmp, os.path.getsize(tmp))
         valid = [True] * len(samples)
 
         def decode(index: int) -> tuple[int, str]:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .decode import UNREADABLE, load_rgb, working_size
-from .folder import Sample, resolve_folders, scan_split, stratified_split
+from .folder import Sample, resolve_folders, scan_split, stratified_split, stratified_subset
 
 Split = Literal["train", "val", "test"]
 
@@ -34,6 +34,7 @@ class NatureData(Dataset):
         image_size: int | None = 224,
         val_fraction: float = 0.2,
         seed: int = 0,
+        train_fraction: float = 1.0,
     ):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
@@ -44,7 +45,7 @@ class NatureData(Dataset):
             self.root = folders.test_dir
         else:
             train, val = stratified_split(samples, val_fraction, seed)
-            samples = train if split == "train" else val
+            samples = stratified_subset(train, train_fraction, seed) if split == "train" else val
             self.root = folders.train_dir
         self.split = split
         self.samples: list[Sample] = samples

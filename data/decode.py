@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -13,8 +15,14 @@ from PIL import Image, ImageOps
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-# What PIL raises for files it cannot decode: broken or non-image files (OSError and its
-# UnidentifiedImageError, ValueError, SyntaxError) and images over twice MAX_IMAGE_PIXELS.
+class UnreadableImage(OSError):
+    """Anything else that went wrong while decoding one file (e.g. a struct.error from broken
+    metadata): that file's problem, reported and skipped like any unreadable file."""
+
+
+# What decoding one file may raise: broken or non-image files (OSError and its
+# UnidentifiedImageError, ValueError, SyntaxError), images over twice MAX_IMAGE_PIXELS, and
+# UnreadableImage for any other failure inside Pillow.
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -45,18 +53,38 @@ def load_rgb(path: str, shorter_side: int | None = None) -> Image.Image:
     """Open path, apply its EXIF orientation, convert to RGB, and shrink so the shorter side is
     shorter_side (never enlarged here: the transforms upsample small images if needed).
 
-    Raises one of UNREADABLE for files that are not readable images.
+    Raises one of UNREADABLE for files that are not readable images. Broken orientation
+    metadata (EXIF/XMP, common in phone photos) is ignored: the pixels are used as stored.
     """
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise UnreadableImage("not a regular file (a pipe, socket or device)")
+    try:
+        return _load_rgb(path, shorter_side)
+    except UNREADABLE:
+        raise
+    except Exception as error:  # noqa: BLE001 - one bad file must never stop a run
+        raise UnreadableImage(f"{type(error).__name__}: {error}") from None
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - malformed metadata: keep the stored orientation
+        return image
+
+
+def _load_rgb(path: str, shorter_side: int | None) -> Image.Image:
     with warnings.catch_warnings():
         # Huge photos are legitimate here; draft mode keeps their decode cheap.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like, per file
         with Image.open(path) as image:
             if shorter_side is not None and image.format == "JPEG":
                 scale = shorter_side / min(image.size)
                 if scale < 0.5:
                     image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
             image.load()
-            image = ImageOps.exif_transpose(image)
+            image = _oriented(image)
             image = _to_rgb(image)
     if shorter_side is not None and min(image.size) > shorter_side:
         width, height = image.size

@@ -169,6 +169,11 @@ def extract_zip(zip_path: Path, target: Path) -> None:
             for info in members:
                 _check_member(info)
             unpacked = sum(info.file_size for info in members)
+            packed = sum(info.compress_size for info in members)
+            # Many small members can each stay under the per-member check: look at the whole too.
+            if unpacked > 64 * CHUNK and unpacked > MAX_RATIO * max(packed, 1):
+                raise DatasetError(f"'{zip_path}' unpacks {unpacked / max(packed, 1):.0f}x its packed size in all "
+                                   f"({unpacked / 2**20:.0f} MiB from {packed / 2**20:.1f} MiB; a zip bomb?); refusing this zip")
             free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free
             if unpacked > MAX_UNPACKED_BYTES or unpacked > free:
                 raise DatasetError(f"'{zip_path}' unpacks to {unpacked / 2**30:.1f} GiB but only "

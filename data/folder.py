@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +59,28 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _entry_is(entry: os.DirEntry, kind: str) -> bool:
+    """entry.is_dir()/is_file() following links, False (with a warning naming it) for what cannot
+    be resolved: a symlink loop, a link to itself, a folder we may not read. Pipes, sockets and
+    devices are neither files nor folders, so they are never opened."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as error:
+        print(f"warning: skipping '{entry.path}' ({error.strerror or error})", file=sys.stderr)
+        return False
+
+
+def _scandir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as error:
+        raise DatasetError(f"cannot list '{folder}' ({error.strerror or error}); check that it is a readable folder") from None
+
+
 def list_classes(split_dir: Path) -> list[str]:
     """Class names are the sorted, non-hidden subfolders (symlinked folders count)."""
-    return sorted(e.name for e in os.scandir(split_dir) if not e.name.startswith(".") and e.is_dir())
+    return sorted(e.name for e in _scandir(split_dir) if not e.name.startswith(".") and _entry_is(e, "dir"))
 
 
 def scan_split(split_dir: Path, class_names: list[str] | None = None) -> tuple[list[str], list[Sample]]:
@@ -88,9 +108,7 @@ def scan_split(split_dir: Path, class_names: list[str] | None = None) -> tuple[l
     samples: list[Sample] = []
     for label, name in enumerate(class_names):
         class_dir = split_dir / name
-        files = sorted(
-            e.path for e in os.scandir(class_dir) if is_image_file(e.name) and e.is_file()
-        )
+        files = sorted(e.path for e in _scandir(class_dir) if is_image_file(e.name) and _entry_is(e, "file"))
         if not files:
             raise DatasetError(
                 f"class folder '{class_dir}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -121,11 +139,30 @@ def stratified_split(
         num_val = int(round(len(items) * val_fraction))
         if val_fraction > 0:
             if len(items) < 2:
+                folder = os.path.dirname(items[0].path)
                 raise DatasetError(
-                    f"class {label} has {len(items)} image, too few to split off validation; "
-                    "add images or use --val_fraction 0"
+                    f"class '{os.path.basename(folder)}' has only 1 image, too few to hold one out for "
+                    f"validation; add images to '{folder}' or remove that folder"
                 )
             num_val = min(max(num_val, 1), len(items) - 1)
         val.extend(items[i] for i in sorted(order[:num_val]))
         train.extend(items[i] for i in sorted(order[num_val:]))
     return train, val
+
+
+def stratified_subset(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
+    """A seeded share of each class (at least one image per class), in the original order."""
+    if not 0.0 < fraction <= 1.0:
+        raise DatasetError(f"train_fraction={fraction} must be in (0, 1]; try --train_fraction 0.25")
+    if fraction == 1.0:
+        return list(samples)
+    rng = np.random.default_rng([seed, 1])  # a stream of its own, independent of the val split's
+    by_class: dict[int, list[int]] = {}
+    for position, sample in enumerate(samples):
+        by_class.setdefault(sample.label, []).append(position)
+    keep: list[int] = []
+    for label in sorted(by_class):
+        positions = by_class[label]
+        count = max(1, int(round(len(positions) * fraction)))
+        keep.extend(positions[i] for i in rng.permutation(len(positions))[:count])
+    return [samples[i] for i in sorted(keep)]

@@ -2,6 +2,7 @@
 
 from .cnn import (
     ACTIVATION_NAMES,
+    GLOBAL_POOLS,
     ConvActPool,
     SmallCNN,
     build_cnn,
@@ -15,6 +16,7 @@ from .summary import ModelSummary, summarize
 
 __all__ = [
     "ACTIVATION_NAMES",
+    "GLOBAL_POOLS",
     "ConvActPool",
     "SmallCNN",
     "build_cnn",

@@ -82,9 +82,12 @@ def _load_pretrained(arch: str, weights) -> nn.Module:
         except Exception as error:  # noqa: BLE001 - any failure here means "not a usable weights file"
             raise ModelConfigError(f"--weights {weights}: not a loadable state dict ({str(error).splitlines()[0][:100]})") from None
         state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelConfigError(f"--weights {weights} holds a {type(state).__name__}, not a state dict of tensors; "
+                                   f"pass the file of the torchvision {arch} ImageNet weights")
         try:
             model.load_state_dict(state)
-        except RuntimeError:
+        except (RuntimeError, TypeError, ValueError):
             raise ModelConfigError(f"--weights {weights} does not fit {arch} (its keys or shapes differ); "
                                    f"pass the file of the torchvision {arch} ImageNet weights") from None
         return model

@@ -23,7 +23,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 ACTIVATION_NAMES = ("ReLU", "GELU", "SiLU", "Mish", "LeakyReLU", "ELU", "SELU", "Tanh")
 
-FILTER_ORGS = ("same", "double", "half")  # or a float growth factor per block
+FILTER_ORGS = ("same", "double", "half")
+GLOBAL_POOLS = ("none", "avg")  # or a float growth factor per block
 
 
 def canonical_activation(name: str) -> str:
@@ -144,6 +145,7 @@ def build_cnn(
     dense_neurons: int = 256,
     num_blocks: int = 5,
     in_channels: int = 3,
+    global_pool: str = "none",
 ) -> SmallCNN:
     """Build the part A CNN from plain arguments.
 
@@ -174,10 +176,15 @@ def build_cnn(
         blocks.append(ConvActPool(channels, out_channels, kernel, activation, batch_norm, conv_dropout))
         channels = out_channels
     features = nn.Sequential(*blocks)
+    if global_pool not in GLOBAL_POOLS:
+        raise ModelConfigError(f"unknown global_pool '{global_pool}'; choose one of {', '.join(GLOBAL_POOLS)}")
+    # "avg" averages each channel over the last map (timm's global_pool); "none" flattens it.
+    pool = [nn.AdaptiveAvgPool2d(1)] if global_pool == "avg" else []
     # The flatten size comes from a dummy forward pass, so no hand formula can drift from it.
     with torch.no_grad():
-        flat = features(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
+        flat = nn.Sequential(features, *pool)(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
     classifier = nn.Sequential(
+        *pool,
         nn.Flatten(),
         nn.Linear(flat, dense_neurons),
         make_activation(activation),

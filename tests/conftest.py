@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -69,12 +70,34 @@ TINY_ARGS = ["-is", "32", "-nf", "4", "-fo", "same", "-dn", "16", "-b", "8", "--
 
 
 def run_script(script: str, *args: str, timeout: int = 300, env_extra: dict | None = None):
-    """Run a script as a user would (subprocess), returning CompletedProcess."""
+    """Run a script in a fresh interpreter (subprocess), for when the process itself is the
+    subject (imports, signals, exit codes); returns CompletedProcess."""
     import subprocess
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+def run_main(script: str, *args: str):
+    """Run a script's `__main__` path (run_cli(main, argv)) in this process, capturing what it
+    prints and its exit code (argparse's SystemExit included): a user's view without paying a
+    fresh interpreter and torch import per call. An exception that escapes run_cli is a bug and
+    fails the test with its traceback, as it would print one for a user."""
+    import importlib
+    import io
+    from types import SimpleNamespace
+
+    from utils.cli import run_cli
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = run_cli(module.main, list(args), prog=script)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def assert_one_line_error(result, *needles: str, code: int = 2) -> None:
@@ -85,3 +108,22 @@ def assert_one_line_error(result, *needles: str, code: int = 2) -> None:
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def interrupted_in_epoch(monkeypatch, epoch: int):
+    """Within the block, Ctrl-C arrives during `epoch` of any run (train_one_epoch raises it)."""
+    import utils.train
+
+    real = utils.train.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[7] == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.train, "train_one_epoch", interrupted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(utils.train, "train_one_epoch", real)

@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms import v2
 
 import trainB
-from conftest import TINY_ARGS, assert_one_line_error, run_script
+from conftest import TINY_ARGS, assert_one_line_error, run_main
 from models import ModelConfigError
 from models.backbone import FREEZE_ALL, build_finetune_model
 from utils.cli import run_cli
@@ -169,7 +169,7 @@ def test_gradual_resume_after_unfreezing_keeps_everything_trainable(tiny_data, t
     (["--weights", "IMAGENET9K"], "neither a weights name for resnet50"),
 ])
 def test_bad_part_b_flags_are_one_line(argv, needle):
-    assert_one_line_error(run_script("trainB.py", *argv, "--wandb_mode", "disabled"), needle)
+    assert_one_line_error(run_main("trainB.py", *argv, "--wandb_mode", "disabled"), needle)
 
 
 def test_checkpoint_of_the_other_script_is_refused(tiny_data, tmp_path, capsys):

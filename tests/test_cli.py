@@ -1,11 +1,11 @@
 import pytest
 
 import trainA
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_main
 
 
 def parse(*argv):
-    return trainA.config_from_args(trainA.parse_args(list(argv)))
+    return trainA.config_from_args(trainA.SPEC.parse_args(list(argv)))
 
 
 @pytest.mark.parametrize("text,expected", [("true", True), ("True", True), ("1", True), ("YES", True), ("on", True),
@@ -73,7 +73,7 @@ def test_dashed_aliases_and_choices_any_case():
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        trainA.parse_args(argv)
+        trainA.SPEC.parse_args(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
@@ -87,7 +87,7 @@ def test_dry_run_builds_without_data(capsys):
 
 
 def test_issue_dry_run_command_from_the_agent_exits_0():
-    result = run_script("trainA.py", "--dry_run", "--batch_norm=False", "--filter_size=[5, 5, 3, 3, 3]",
+    result = run_main("trainA.py", "--dry_run", "--batch_norm=False", "--filter_size=[5, 5, 3, 3, 3]",
                         "--num_filters=64", "--filter_org=double", "--activation=Mish", "--data_aug=True",
                         "--lr=1e-05")
     assert result.returncode == 0, result.stderr
@@ -103,7 +103,7 @@ def test_issue_dry_run_command_from_the_agent_exits_0():
     (["--device", "cuda:7", "--data_dir", "x"], []),
 ])
 def test_user_errors_are_one_line_without_traceback(argv, needles):
-    result = run_script("trainA.py", *argv, "--wandb_mode", "disabled")
+    result = run_main("trainA.py", *argv, "--wandb_mode", "disabled")
     if argv[:1] == ["--device"]:
         # On a machine without that GPU this must be one clear line; with it, data_dir fails instead.
         assert_one_line_error(result)

@@ -86,7 +86,7 @@ def test_split_gives_every_class_a_val_image_and_refuses_single_image_classes():
     samples = [Sample("a0", 0), Sample("a1", 0), Sample("b0", 1), Sample("b1", 1), Sample("b2", 1)]
     train, val = stratified_split(samples, 0.1, seed=0)
     assert sorted(s.label for s in val) == [0, 1]
-    with pytest.raises(DatasetError, match="too few to split"):
+    with pytest.raises(DatasetError, match="too few to hold one out"):
         stratified_split([Sample("a", 0), Sample("b0", 1), Sample("b1", 1)], 0.2, seed=0)
     with pytest.raises(DatasetError, match="val_fraction"):
         stratified_split(samples, 1.0, seed=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import trainA
-from conftest import ROOT, TINY_ARGS, assert_one_line_error, make_dataset, run_script
+from conftest import ROOT, TINY_ARGS, assert_one_line_error, make_dataset, run_main
 from data import DatasetError, ensure_dataset
 from data.download import extract_zip
 
@@ -166,7 +166,7 @@ def test_zip_bomb_member_is_refused(tmp_path):
 def test_corrupt_download_is_one_line_and_leaves_no_data_folder(server, tmp_path):
     server.files["/bad.zip"] = b"PK\x03\x04 this is not really a zip" * 100
     url = server.url("/bad.zip")
-    result = run_script("trainA.py", "--data_dir", str(tmp_path / "bad"), "--data_url", url, "-e", "1", *TINY_ARGS)
+    result = run_main("trainA.py", "--data_dir", str(tmp_path / "bad"), "--data_url", url, "-e", "1", *TINY_ARGS)
     assert_one_line_error(result, "is not a valid zip", "download again")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.zip").exists()
     assert not list(tmp_path.glob(".bad.extracting*"))
@@ -177,7 +177,7 @@ def test_unreachable_url_fails_fast_with_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     started = time.monotonic()
-    result = run_script("trainA.py", "--data_dir", str(tmp_path / "x"), "--data_url",
+    result = run_main("trainA.py", "--data_dir", str(tmp_path / "x"), "--data_url",
                         f"http://127.0.0.1:{port}/nature_12K.zip", "-e", "1", *TINY_ARGS)
     assert time.monotonic() - started < 60
     assert_one_line_error(result, "download of http://127.0.0.1", "failed", "--data_dir")

@@ -4,11 +4,12 @@ import torch
 from PIL import Image
 
 import trainA
-from conftest import TINY_ARGS, assert_one_line_error, run_script
+from conftest import TINY_ARGS, assert_one_line_error, run_main
 from data import NatureData, build_eval_transform
 from models import ACTIVATION_NAMES, build_cnn
 from utils import pictures
-from utils.train import Precision, evaluate
+from utils.runtime import Precision
+from utils.evaluation import evaluate
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_predict_unreadable_file_is_one_line(tiny_data, tmp_path):
     (run_dir,) = list(out.iterdir())
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    result = run_script("trainA.py", "--predict", str(bad), "--checkpoint", str(run_dir / "best.pt"))
+    result = run_main("trainA.py", "--predict", str(bad), "--checkpoint", str(run_dir / "best.pt"))
     assert_one_line_error(result, "cannot read image", str(bad))
-    missing = run_script("trainA.py", "--predict", str(tmp_path / "nope.jpg"), "--checkpoint", str(run_dir / "best.pt"))
+    missing = run_main("trainA.py", "--predict", str(tmp_path / "nope.jpg"), "--checkpoint", str(run_dir / "best.pt"))
     assert_one_line_error(missing, "does not exist")

@@ -28,7 +28,7 @@ def intended(name: str, value):
 def test_every_sweep_value_parses_as_the_agent_passes_it(name, value):
     argv = agent_argv({name: value})
     assert argv == [f"--{name}={value}"]  # str(): True, 1e-05, [5, 5, 3, 3, 3]
-    cfg = trainA.config_from_args(trainA.parse_args(argv))
+    cfg = trainA.config_from_args(trainA.SPEC.parse_args(argv))
     got = getattr(cfg, name)
     if isinstance(value, float):
         assert got == pytest.approx(value)

@@ -7,8 +7,9 @@ import torch
 
 import trainA
 import utils.train
-from conftest import TINY_ARGS, make_dataset
-from utils.train import NonFiniteLoss, Precision, fit
+from conftest import TINY_ARGS, interrupted_in_epoch, make_dataset
+from utils.runtime import Precision
+from utils.train import NonFiniteLoss, Optimisation, fit
 
 
 def run_dir_of(output: Path) -> Path:
@@ -88,22 +89,14 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path, m
 
 
 def test_ctrl_c_saves_last_pt_and_exits_130(tiny_data, tmp_path, monkeypatch, capsys):
-    real = utils.train.train_one_epoch
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        if args[7] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(utils.train, "train_one_epoch", interrupted_in_epoch_2)
-    code = trainA.main(["--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS])
+    with interrupted_in_epoch(monkeypatch, 2):
+        code = trainA.main(["--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS])
     assert code == 130
     run_dir = run_dir_of(tmp_path / "runs")
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["interrupted"] is True and last["epoch"] == 1
     err = capsys.readouterr().err
     assert "interrupted during epoch 2" in err and f"--resume {run_dir / 'last.pt'}" in err
-    monkeypatch.setattr(utils.train, "train_one_epoch", real)
     assert trainA.main(["--resume", str(run_dir / "last.pt"), "--num_workers", "0"]) == 0
     assert [r["epoch"] for r in read_metrics(run_dir)] == ["1", "2", "3"]
 
@@ -128,8 +121,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with pytest.raises(NonFiniteLoss) as info:
-        fit(model, optimizer, scheduler, data, data[:2], epochs=3, precision=Precision(torch.device("cpu")),
-            loss_fn=NaNAfter(8), num_classes=3, run_dir=tmp_path, checkpoint_meta={"config": {}},
+        fit(model, data, data[:2], Optimisation(optimizer, scheduler, NaNAfter(8)), epochs=3,
+            precision=Precision(torch.device("cpu")), num_classes=3, run_dir=tmp_path, checkpoint_meta={"config": {}},
             log_epoch=lambda m: None)
     assert (info.value.epoch, info.value.step) == (2, 3)
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1

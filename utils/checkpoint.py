@@ -6,11 +6,17 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .ema import WeightEMA
+    from .train import DistContext, Optimisation
 
 FORMAT_VERSION = 1
 
@@ -64,3 +70,88 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((version, tuple(state["python"]), gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def inference_weights(checkpoint: dict) -> dict:
+    """The weights to evaluate or predict with: the moving average where the run kept one
+    (a last.pt of an --ema_decay run), else the checkpoint's model (best.pt already holds the
+    average)."""
+    ema = checkpoint.get("ema")
+    if ema:
+        prefix = "module."
+        return {key[len(prefix):]: value for key, value in ema["averaged"].items() if key.startswith(prefix)}
+    return checkpoint["model"]
+
+
+@dataclass
+class FitState:
+    """What a checkpoint needs to continue a run exactly where it stopped."""
+    epoch: int = 0  # completed epochs
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    last_metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointWriter:
+    """best.pt (weights: the average with EMA) and last.pt (everything a resume needs), written by
+    the main process only, atomically. meta (config, class names, script) goes into both, so a
+    checkpoint alone is enough to rebuild and evaluate the model."""
+    run_dir: Path
+    meta: dict
+    model: nn.Module  # the whole, unwrapped model
+    opt: Optimisation
+    dist: DistContext
+
+    def save(self, name: str, state: FitState, full: bool, interrupted: bool = False) -> None:
+        # Under DDP every rank's RNG state goes into last.pt (a collective: not on Ctrl-C, where
+        # ranks may stop at different places; a resume then derives per-rank streams instead).
+        gather = self.dist.gather if full and not interrupted else None
+        rng_ranks = gather(capture_rng_state()) if gather is not None else None
+        if not self.dist.is_main:
+            return
+        ema = self.opt.ema
+        weights = self.model.state_dict() if full or ema is None else ema.module.state_dict()
+        payload = dict(self.meta, model=weights, epoch=state.epoch, best_val_accuracy=state.best_val_accuracy,
+                       best_epoch=state.best_epoch, metrics=state.last_metrics)
+        if full:
+            payload.update(optimizer=self.opt.optimizer.state_dict(), scheduler=self.opt.scheduler.state_dict(),
+                           scaler=self.opt.scaler.state_dict(), rng=capture_rng_state(),
+                           epochs_without_improvement=state.epochs_without_improvement, interrupted=interrupted)
+            if ema is not None:
+                payload.update(ema=ema.state_dict())
+            if rng_ranks is not None:
+                payload.update(rng_ranks=rng_ranks)
+        atomic_torch_save(payload, self.run_dir / name)
+
+
+def restore_training_state(checkpoint: dict, model: nn.Module, optimizer, scheduler,
+                           scaler: torch.amp.GradScaler, ema: WeightEMA | None = None,
+                           rank: int = 0, world: int = 1) -> FitState:
+    """Load what fit()'s last.pt holds back into live objects."""
+    model.load_state_dict(checkpoint["model"])
+    if ema is not None:
+        if "ema" in checkpoint:
+            ema.load_state_dict(checkpoint["ema"])
+        else:  # a run started without --ema_decay: the average starts from the current weights
+            ema.averaged.load_state_dict({**ema.averaged.state_dict(), **{f"module.{k}": v for k, v in checkpoint["model"].items()}})
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler.is_enabled() and checkpoint.get("scaler"):
+        # a last.pt of an fp32/bf16 run has an empty scaler state: an fp16 resume starts a fresh scale
+        scaler.load_state_dict(checkpoint["scaler"])
+    ranks = checkpoint.get("rng_ranks")
+    if ranks is not None and len(ranks) == world:
+        restore_rng_state(ranks[rank])
+    else:
+        restore_rng_state(checkpoint["rng"])
+        if rank:  # one saved stream: fold the rank in so ranks do not repeat each other's draws
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + rank)
+    return FitState(
+        epoch=int(checkpoint["epoch"]),
+        best_val_accuracy=float(checkpoint["best_val_accuracy"]),
+        best_epoch=int(checkpoint["best_epoch"]),
+        epochs_without_improvement=int(checkpoint.get("epochs_without_improvement", 0)),
+        last_metrics=dict(checkpoint.get("metrics", {})),
+    )

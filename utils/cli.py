@@ -140,3 +140,6 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except USER_ERRORS as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training (scanning, decoding the cache): nothing trained yet
+        print(f"\n{prog}: interrupted before training started; nothing to keep", file=sys.stderr)
+        return 130

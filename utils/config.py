@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
+from data.transforms import AUTO_AUGMENTS
+
 from .cli import add_bool, choice, number, str2bool
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+TTA_MODES = ("none", "flip")
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,14 @@ class TrainConfig:
     val_fraction: float = 0.2  # of train/, stratified by class
     image_size: int = 224  # pixels, square crop fed to the model
     data_aug: bool = True
+    crop_scale: float = 0.6  # smallest area share a random resized crop keeps
+    jitter: float = 0.0  # brightness/contrast/saturation in [1 - jitter, 1 + jitter]
+    erasing: float = 0.0  # probability of erasing one random box per image
+    auto_augment: str = "none"  # none, trivialwide, randaugment (torchvision's policies)
+    mixup_alpha: float = 0.0  # 0 = off
+    cutmix_alpha: float = 0.0  # 0 = off; with both > 0, one of the two per batch
+    train_fraction: float = 1.0  # stratified, seeded share of the training split to use
+    tta: str = "flip"  # test-time augmentation for val, test and --predict: none, flip
     # optimisation
     epochs: int = 30
     batch_size: int = 64  # global batch (all processes together)
@@ -30,11 +41,12 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 0.05
     momentum: float = 0.9  # SGD only
-    scheduler: str = "cosine"
+    scheduler: str = "onecycle"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     patience: int = 10  # epochs without a better val_accuracy before stopping; 0 = never
     seed: int = 0
+    ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off
     # speed
     cache: str = "auto"  # decode every image once into a uint8 array on disk; off = decode per epoch
     cache_dir: str = ""  # default: ~/.cache/inat12k/decoded (or $XDG_CACHE_HOME)
@@ -68,9 +80,15 @@ def wants_download(cfg: TrainConfig) -> bool:
 
 
 def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """Flags for every TrainConfig field, with defaults taken from `defaults`."""
-    d = defaults
-    group = parser.add_argument_group("data")
+    """Flags for every TrainConfig field, with defaults taken from `defaults`, in help groups."""
+    _data_args(parser.add_argument_group("data"), defaults)
+    _optimisation_args(parser.add_argument_group("optimisation"), defaults)
+    _speed_args(parser.add_argument_group("speed"), defaults)
+    _hardware_args(parser.add_argument_group("hardware"), defaults)
+    _output_args(parser.add_argument_group("output and tracking"), defaults)
+
+
+def _data_args(group, d: TrainConfig) -> None:
     group.add_argument("-p", "--data_dir", "--parent_dir", "--data-dir", dest="data_dir", default=d.data_dir,
                        metavar="DIR", help="unzipped nature_12K folder (holding inaturalist_12K/), a folder with train/ and val/ or "
                        f"test/, or the .zip itself (default: {d.data_dir}, downloaded there if missing)")
@@ -85,8 +103,30 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> No
                        help=f"square input size in pixels (default: {d.image_size})")
     add_bool(group, "-da", "--data_aug", "--data-aug", default=d.data_aug,
              help="random resized crop, flip, colour jitter, erasing on train images")
+    group.add_argument("--crop_scale", "--crop-scale", type=number(float, 0, 1, low_open=True), default=d.crop_scale,
+                       help=f"smallest share of the image area a random resized crop keeps; 1 = whole image "
+                       f"(default: {d.crop_scale})")
+    group.add_argument("--jitter", type=number(float, 0, 1, high_open=True), default=d.jitter,
+                       help=f"colour jitter: brightness, contrast and saturation in [1-J, 1+J]; 0 = off (default: {d.jitter})")
+    group.add_argument("--erasing", type=number(float, 0, 1), default=d.erasing,
+                       help=f"probability of erasing a random box of each train image; 0 = off (default: {d.erasing})")
+    group.add_argument("--auto_augment", "--auto-augment", type=choice(*AUTO_AUGMENTS), default=d.auto_augment,
+                       help=f"torchvision auto-augment policy per train image: {', '.join(AUTO_AUGMENTS)} "
+                       f"(default: {d.auto_augment})")
+    group.add_argument("--mixup_alpha", "--mixup-alpha", type=number(float, 0, 100), default=d.mixup_alpha,
+                       help=f"MixUp Beta(alpha, alpha) on train batches; 0 = off (default: {d.mixup_alpha})")
+    group.add_argument("--cutmix_alpha", "--cutmix-alpha", type=number(float, 0, 100), default=d.cutmix_alpha,
+                       help=f"CutMix Beta(alpha, alpha) on train batches; 0 = off; with --mixup_alpha too, one of "
+                       f"the two per batch (default: {d.cutmix_alpha})")
+    group.add_argument("--train_fraction", "--train-fraction", type=number(float, 0, 1, low_open=True),
+                       default=d.train_fraction, help="use this share of the training split (stratified, seeded) "
+                       f"for quick searches; val and test are never subsampled (default: {d.train_fraction})")
+    group.add_argument("--tta", type=choice(*TTA_MODES), default=d.tta,
+                       help=f"test-time augmentation for validation, test and --predict: none, or flip = average "
+                       f"the logits of the image and its mirror (default: {d.tta})")
 
-    group = parser.add_argument_group("optimisation")
+
+def _optimisation_args(group, d: TrainConfig) -> None:
     group.add_argument("-e", "--epochs", type=number(int, 1), default=d.epochs, help=f"(default: {d.epochs})")
     group.add_argument("-b", "--batch_size", "--batch-size", type=number(int, 1), default=d.batch_size,
                        help=f"global batch size (default: {d.batch_size})")
@@ -107,8 +147,12 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> No
     group.add_argument("--patience", type=number(int, 0), default=d.patience,
                        help=f"stop after this many epochs without a better val_accuracy; 0 = never (default: {d.patience})")
     group.add_argument("--seed", type=number(int, 0), default=d.seed, help=f"split, init and augmentation seed (default: {d.seed})")
+    group.add_argument("--ema_decay", "--ema-decay", type=number(float, 0, 1, high_open=True), default=d.ema_decay,
+                       help="keep an exponential moving average of the weights (e.g. 0.999) and validate, test and "
+                       f"save best.pt with it; 0 = off (default: {d.ema_decay})")
 
-    group = parser.add_argument_group("speed")
+
+def _speed_args(group, d: TrainConfig) -> None:
     group.add_argument("--cache", type=choice("auto", "off"), default=d.cache,
                        help="auto: decode every image once into a uint8 array shared by later runs and augment whole "
                        "batches on the device; off: decode and augment per image in DataLoader workers (default: auto)")
@@ -121,7 +165,8 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> No
     add_bool(group, "--compile", default=d.compile,
              help="torch.compile the model: compiling costs the first steps, later ones may run faster")
 
-    group = parser.add_argument_group("hardware")
+
+def _hardware_args(group, d: TrainConfig) -> None:
     group.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     group.add_argument("--amp", type=choice(*AMP_MODES), default=d.amp,
                        help="mixed precision: auto = bf16 on GPUs that have it else fp16; on CPUs with bf16 units "
@@ -133,7 +178,8 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> No
     add_bool(group, "--sync_bn", "--sync-bn", default=d.sync_bn,
              help="under torchrun, compute BatchNorm statistics over the global batch instead of each process's share")
 
-    group = parser.add_argument_group("output and tracking")
+
+def _output_args(group, d: TrainConfig) -> None:
     group.add_argument("--output_dir", "--output-dir", default=d.output_dir,
                        help=f"run directories are created under it (default: {d.output_dir})")
     group.add_argument("--run_name", "--run-name", default=d.run_name,
@@ -159,5 +205,10 @@ def add_action_args(parser: argparse.ArgumentParser) -> None:
     add_bool(group, "--test_only", "--test-only", default=False,
              help="evaluate --checkpoint on the test folder and exit")
     group.add_argument("--checkpoint", metavar="CKPT", default="", help="checkpoint for --test_only / --predict")
+    add_bool(group, "--lr_find", "--lr-find", default=False,
+             help="find a learning rate instead of training: ramp it up over at most one epoch, print a suggested "
+             "--lr, save lr_find.png and lr_find.csv in a run directory")
+    group.add_argument("--lr_find_steps", "--lr-find-steps", type=number(int, 5, 100_000), default=100,
+                       help="training steps the --lr_find ramp takes, at most one epoch (default: 100)")
     group.add_argument("--predict", nargs="+", metavar="IMG", default=None,
                        help="print the top-3 classes of these images (files or folders) with --checkpoint, and exit")

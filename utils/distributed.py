@@ -39,16 +39,27 @@ def setup(device_name: str) -> tuple[DistInfo, str]:
         return DistInfo(), device_name
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    # INAT_DIST_BACKEND=gloo: CUDA tensors over gloo, ranks sharing GPUs (for checking the DDP
+    # code paths with one GPU; NCCL refuses two ranks on one device).
+    backend = os.environ.get("INAT_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
     if use_cuda:
-        if info.local_rank >= torch.cuda.device_count():
+        if backend == "gloo":
+            info_device = info.local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(info_device)
+            device_name = f"cuda:{info_device}"
+        elif info.local_rank >= torch.cuda.device_count():
             raise UsageError(f"torchrun started {world} processes on this node but only {torch.cuda.device_count()} "
                              "GPU(s) are visible; lower --nproc_per_node")
-        torch.cuda.set_device(info.local_rank)
-        device_name = f"cuda:{info.local_rank}"
+        else:
+            torch.cuda.set_device(info.local_rank)
+            device_name = f"cuda:{info.local_rank}"
     elif device_name == "auto":
         device_name = "cpu"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if backend == "nccl":  # device_id binds NCCL's communicator to this rank's GPU up front
+            dist.init_process_group("nccl", device_id=torch.device(device_name))
+        else:
+            dist.init_process_group(backend)
     return info, device_name
 
 
@@ -61,6 +72,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.clone()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_object(value) -> list:
+    """Every rank's value, in rank order, on every rank."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier() -> None:
@@ -77,3 +95,28 @@ def check_batch_size(batch_size: int, world: int) -> None:
     if batch_size % world:
         raise UsageError(f"--batch_size {batch_size} does not split evenly over {world} processes; "
                          f"use a multiple of {world}")
+
+
+def wrap_ddp(model: torch.nn.Module, sync_bn: bool, unfreezes_later: bool, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around model, optionally with synchronised BatchNorm.
+
+    unfreezes_later: the strategy (trainB's gradual) unfreezes parameters mid-run, so DDP must
+    know them from the start and skip them while they get no gradient (find_unused_parameters,
+    which costs a graph walk each step; every other run leaves it off).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_bn:
+        if device.type != "cuda":
+            raise UsageError("--sync_bn works only on CUDA GPUs (PyTorch's SyncBatchNorm); drop it on the CPU")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    find_unused = bool(frozen) and unfreezes_later
+    if find_unused:
+        for p in frozen:
+            p.requires_grad_(True)
+    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=find_unused)
+    for p in frozen:
+        p.requires_grad_(False)
+    return wrapped

@@ -7,3 +7,6 @@ class UsageError(Exception):
 
 class CheckpointError(UsageError):
     """A checkpoint that cannot be read, or was not written by these scripts."""
+
+
+EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 130  # process exit codes of a run

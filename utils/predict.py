@@ -15,6 +15,7 @@ from data.decode import UNREADABLE
 from .checkpoint import load_checkpoint
 from .errors import UsageError
 from .runtime import resolve_device
+from .evaluation import predict_logits
 
 
 def expand(paths: list[str]) -> list[Path]:
@@ -28,8 +29,10 @@ def expand(paths: list[str]) -> list[Path]:
             if not found:
                 raise UsageError(f"--predict folder '{path}' holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             files.extend(found)
-        elif path.exists():
+        elif path.is_file():
             files.append(path)
+        elif path.exists():  # a pipe, socket or device: opening it could block forever
+            raise UsageError(f"--predict path '{path}' is not a regular file or folder; give image files or folders")
         else:
             raise UsageError(f"--predict path '{path}' does not exist; give image files or folders")
     return files
@@ -57,7 +60,8 @@ def predict(paths: list[str], checkpoint_path: str, script: str,
             print(f"{prog}: error: cannot read image '{path}' ({str(error)[:100]}); skipped", file=sys.stderr)
             failed += 1
             continue
-        probabilities = model(transform(image).unsqueeze(0).to(target)).float().softmax(1)[0].cpu()
+        logits = predict_logits(model, transform(image).unsqueeze(0).to(target), getattr(cfg, "tta", "none"))
+        probabilities = logits.float().softmax(1)[0].cpu()
         values, indices = probabilities.topk(min(top, len(classes)))
         ranked = ", ".join(f"{classes[i]} {v:.3f}" for v, i in zip(values.tolist(), indices.tolist()))
         print(f"{path}: {ranked}")

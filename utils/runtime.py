@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from .errors import UsageError
+
+
+@dataclass
+class Precision:
+    """How tensors are laid out and computed on the training device."""
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
+        return images, labels.to(self.device, non_blocking=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,6 +68,21 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores exist from compute capability 8.0 (Ampere) on. torch.cuda.is_bf16_supported()
+    also counts emulated bf16 (T4, V100), which runs slower than fp16, and asks the current device."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast CUDA defaults: cuDNN picks the best convolution algorithm for the (fixed) input shape,
+    and fp32 matmuls/convolutions may use TF32 tensor cores (as autocast-off runs expect on Ampere+)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """The autocast dtype for --amp on this device, or None for fp32."""
     if amp == "off":
@@ -53,7 +90,7 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     if device.type == "cuda":
         if amp == "fp16":
             return torch.float16
-        if amp == "bf16" or torch.cuda.is_bf16_supported():
+        if amp == "bf16" or cuda_has_native_bf16(device):
             return torch.bfloat16
         return torch.float16
     if device.type == "mps":
@@ -81,3 +118,17 @@ def default_num_workers(requested: int) -> int:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def make_precision(cfg, device_name: str) -> Precision:
+    """Device, autocast dtype and memory format for a config's --amp/--channels_last."""
+    device = resolve_device(device_name)
+    configure_backends(device)
+    return Precision(device, autocast_dtype(device, cfg.amp), use_channels_last(device, cfg.channels_last))
+
+
+def prepare_model(model: nn.Module, precision: Precision) -> nn.Module:
+    model = model.to(precision.device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -3,8 +3,9 @@ of the values that decide the model's shape builds, using the exact argv `wandb 
 
     python -m utils.sweep_check sweep.yaml
 
-The program (trainA.py / trainB.py) provides `parse_args`, `config_from_args`, `check_config`,
-`build_model` and `SHAPE_FIELDS` (the flags whose combinations can fail to build together).
+The program (trainA.py / trainB.py) provides its `SPEC` (a utils.actions.ScriptSpec): the parser,
+config, checks, model builder and the shape fields (the flags whose combinations can fail to
+build together).
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def check_sweep(path: Path) -> tuple[int, list[tuple[list[str], str]]]:
     the shape-deciding parameters with every other parameter at its first value."""
     sweep = load_sweep(path)
     sys.path.insert(0, str(path.resolve().parent))
-    script = importlib.import_module(Path(sweep["program"]).stem)
+    script = importlib.import_module(Path(sweep["program"]).stem).SPEC
     choices = {name: candidate_values(spec) for name, spec in sweep["parameters"].items()}
     argvs = [agent_argv({name: value}) for name, values in choices.items() for value in values]
-    shape = [name for name in choices if name in script.SHAPE_FIELDS]
+    shape = [name for name in choices if name in script.shape_fields]
     base = {name: values[0] for name, values in choices.items()}
     for combo in itertools.product(*(choices[name] for name in shape)):
         argvs.append(agent_argv({**base, **dict(zip(shape, combo))}))

@@ -143,8 +143,19 @@ class Tracker:
         if not self.is_main:
             return
         self.csv.append(metrics)
+        self.draw_curves()
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if _is_number(v)})
+
+    def draw_curves(self) -> None:
+        """curves.png from metrics.csv (so a resumed run continues the same curves). A picture
+        that cannot be drawn is worth a warning, never the run."""
+        from .curves import plot_curves
+
+        try:
+            plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png", title=self.run_dir.name)
+        except Exception as error:  # noqa: BLE001
+            print(f"warning: could not draw curves.png ({type(error).__name__}: {str(error)[:100]})", file=sys.stderr)
 
     def log_summary(self, metrics: dict) -> None:
         if self.run is not None:
@@ -162,6 +173,9 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
+            curves = self.run_dir / "curves.png"
+            if curves.exists():
+                self.run.log({"curves": self.wandb.Image(str(curves))})
             self.run.finish(exit_code=exit_code)
             self.run = None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +14,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state
+from .checkpoint import CheckpointWriter, FitState
+from .ema import WeightEMA
+from .evaluation import evaluate
+from .runtime import Precision
 
 LOG_EVERY = 20  # steps between progress-bar refreshes; each refresh is one host-device sync
 
@@ -43,51 +46,13 @@ class EpochStats:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
-class EvalStats:
-    loss: float
-    accuracy: float
-    images: int
-    per_class_correct: list[int]
-    per_class_total: list[int]
-    predictions: list[int] = field(default_factory=list)
-    targets: list[int] = field(default_factory=list)
-
-    def per_class_accuracy(self) -> list[float]:
-        return [c / t if t else float("nan") for c, t in zip(self.per_class_correct, self.per_class_total)]
-
-
-@dataclass
-class Precision:
-    """How tensors are laid out and computed on the training device."""
-    device: torch.device
-    autocast_dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
-        return images, labels.to(self.device, non_blocking=True)
-
-
-@dataclass
-class FitState:
-    """What a checkpoint needs to continue a run exactly where it stopped."""
-    epoch: int = 0  # completed epochs
-    best_val_accuracy: float = -1.0
-    best_epoch: int = 0
-    epochs_without_improvement: int = 0
-    last_metrics: dict = field(default_factory=dict)
-
-
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss_fn, precision: Precision,
                     epoch: int, show_progress: bool = True,
-                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochStats:
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    mix: Callable | None = None, ema: WeightEMA | None = None) -> EpochStats:
+    """One pass over loader. mix (MixUp/CutMix) turns a batch's labels into soft targets; the
+    accuracy is then counted against each mixed image's dominant label. ema is updated after
+    every optimizer step."""
     model.train()
     device = precision.device
     loss_sum = torch.zeros((), device=device)
@@ -100,26 +65,33 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss
         if batch is None:  # every file in the batch was unreadable
             continue
         inputs, targets = precision.to_device(*batch)
+        if mix is not None:
+            inputs, soft_targets = mix(inputs, targets)
+            targets = soft_targets.argmax(1)
+        else:
+            soft_targets = targets
         with precision.autocast():
             logits = model(inputs)
-            loss = loss_fn(logits.float(), targets)
+            loss = loss_fn(logits.float(), soft_targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update()
         batch_size = targets.shape[0]
         images += batch_size
         loss_sum += loss.detach() * batch_size
         correct += (logits.detach().argmax(1) == targets).sum()
         window.append(loss.detach())
         if step % LOG_EVERY == 0 or step == len(loader):
-            _check_finite(window, epoch, step)
+            _check_finite(window, epoch, step, reduce)
             window.clear()
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{loss_sum.item() / images:.3f}", acc=f"{correct.item() / images:.3f}",
                             img_s=f"{images / elapsed:.0f}", refresh=False)
-    _check_finite(window, epoch, len(loader))
+    _check_finite(window, epoch, len(loader), reduce)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -131,55 +103,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss
     return EpochStats(float(loss_sum) / images_seen, float(correct) / images_seen, images, seconds)
 
 
-def _check_finite(window: list[torch.Tensor], epoch: int, last_step: int) -> None:
+def _check_finite(window: list[torch.Tensor], epoch: int, last_step: int,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Raise NonFiniteLoss if a loss in window is NaN/inf. Under DDP the count of bad losses is
+    all-reduced (every rank checks at the same steps), so all ranks stop together instead of the
+    healthy ones waiting forever in the next collective."""
     if not window:
-        return
+        if reduce is None:
+            return
+        window = [torch.zeros(())]
     finite = torch.isfinite(torch.stack(window))
-    if not bool(finite.all()):
-        first_bad = int((~finite).nonzero()[0, 0])
-        raise NonFiniteLoss(epoch, last_step - len(window) + 1 + first_bad)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int, desc: str = "eval",
-             show_progress: bool = True, keep_predictions: bool = False,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalStats:
-    """Plain cross-entropy (no label smoothing) and accuracy over the whole loader.
-
-    reduce sums count tensors across processes under DDP, so every image counts exactly once.
-    """
-    model.eval()
-    device = precision.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    class_correct = torch.zeros(num_classes, device=device, dtype=torch.long)
-    class_total = torch.zeros(num_classes, device=device, dtype=torch.long)
-    predictions, targets_all = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if show_progress else True, dynamic_ncols=True):
-        if batch is None:
-            continue
-        inputs, targets = precision.to_device(*batch)
-        with precision.autocast():
-            logits = model(inputs)
-        loss_sum += nn.functional.cross_entropy(logits.float(), targets, reduction="sum").double()
-        predicted = logits.argmax(1)
-        class_total += torch.bincount(targets, minlength=num_classes)
-        class_correct += torch.bincount(targets[predicted == targets], minlength=num_classes)
-        if keep_predictions:
-            predictions.append(predicted.cpu())
-            targets_all.append(targets.cpu())
+    bad = (~finite).sum()
     if reduce is not None:
-        loss_sum, class_correct, class_total = reduce(loss_sum), reduce(class_correct), reduce(class_total)
-    total = int(class_total.sum())
-    correct = int(class_correct.sum())
-    return EvalStats(
-        loss=float(loss_sum) / max(total, 1),
-        accuracy=correct / max(total, 1),
-        images=total,
-        per_class_correct=class_correct.tolist(),
-        per_class_total=class_total.tolist(),
-        predictions=torch.cat(predictions).tolist() if predictions else [],
-        targets=torch.cat(targets_all).tolist() if targets_all else [],
-    )
+        bad = reduce(bad.reshape(1).to(torch.float32))[0]
+    if bool(bad > 0):
+        local = (~finite).nonzero()
+        first_bad = int(local[0, 0]) if len(local) else 0  # another rank's NaN: the window's first step
+        raise NonFiniteLoss(epoch, last_step - len(window) + 1 + first_bad)
 
 
 @contextlib.contextmanager
@@ -199,123 +139,95 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def fit(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    train_loader,
-    val_loader,
-    *,
-    epochs: int,
-    precision: Precision,
-    loss_fn: nn.Module,
-    num_classes: int,
-    run_dir: Path,
-    checkpoint_meta: dict,
-    log_epoch: Callable[[dict], None],
-    patience: int = 0,
-    seed: int = 0,
-    state: FitState | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    before_epoch: Callable[[int], None] | None = None,
-    is_main: bool = True,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    barrier: Callable[[], None] | None = None,
-    unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
-) -> FitState:
+@dataclass
+class Optimisation:
+    """What fit() steps with: the optimizer and its schedule, the loss, and the per-step tools."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: nn.Module
+    scaler: torch.amp.GradScaler | None = None  # None: made from the precision (enabled for fp16)
+    mix: Callable | None = None  # MixUp/CutMix on train batches
+    ema: WeightEMA | None = None  # averaged weights, validated and saved as best.pt
+    before_epoch: Callable[[int], None] | None = None  # e.g. trainB's gradual unfreezing
+
+
+@dataclass
+class DistContext:
+    """How this process takes part in a torchrun job; the defaults are one process alone."""
+    is_main: bool = True
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum of count tensors
+    barrier: Callable[[], None] | None = None
+    gather: Callable[[object], list] | None = None  # every rank's object, on every rank
+
+
+def fit(model: nn.Module, train_loader, val_loader, opt: Optimisation, *, epochs: int, precision: Precision,
+        num_classes: int, run_dir: Path, checkpoint_meta: dict, log_epoch: Callable[[dict], None],
+        patience: int = 0, seed: int = 0, state: FitState | None = None, tta: str = "none",
+        unwrap: Callable[[nn.Module], nn.Module] = lambda m: m, dist: DistContext = DistContext()) -> FitState:
     """Train for epochs (from state.epoch on), validating after each, keeping best.pt/last.pt.
 
-    checkpoint_meta (config, class names, script) goes into every checkpoint, so a checkpoint
-    alone is enough to rebuild and evaluate the model.
+    model is what the batches go through (maybe DDP-wrapped or compiled; unwrap(model) is saved).
+    With opt.ema, validation and best.pt use the averaged weights; last.pt holds the raw weights
+    and the average, so a resume is exact. Ctrl-C (or SIGTERM) saves last.pt and raises
+    TrainingInterrupted; a NaN/inf loss raises NonFiniteLoss.
     """
     state = state or FitState()
-    if scaler is None:
-        scaler = torch.amp.GradScaler(precision.device.type,
-                                      enabled=precision.autocast_dtype == torch.float16)
-    barrier = barrier or (lambda: None)
-
-    def save(path: Path, full: bool, interrupted: bool = False) -> None:
-        if not is_main:
-            return
-        payload = dict(checkpoint_meta, model=unwrap(model).state_dict(), epoch=state.epoch,
-                       best_val_accuracy=state.best_val_accuracy, best_epoch=state.best_epoch,
-                       metrics=state.last_metrics)
-        if full:
-            payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                           scaler=scaler.state_dict(), rng=capture_rng_state(),
-                           epochs_without_improvement=state.epochs_without_improvement,
-                           interrupted=interrupted)
-        atomic_torch_save(payload, path)
-
+    if opt.scaler is None:
+        opt.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
+    writer = CheckpointWriter(run_dir, checkpoint_meta, unwrap(model), opt, dist)
     epoch = state.epoch + 1
     with sigterm_as_interrupt():
         try:
             for epoch in range(state.epoch + 1, epochs + 1):
-                # The loader's shuffle and worker seeds depend on (seed, epoch) only, so a resumed
-                # run sees the same batches as an uninterrupted one.
-                generator = getattr(train_loader, "generator", None)
-                if generator is not None:
-                    generator.manual_seed(seed * 1_000_003 + epoch)
-                sampler = getattr(train_loader, "sampler", None)
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(epoch)
-                if before_epoch is not None:
-                    before_epoch(epoch)
-                lr = optimizer.param_groups[0]["lr"]
-                train = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, precision,
-                                        epoch, show_progress=is_main, reduce=reduce)
-                val = evaluate(model, val_loader, precision, num_classes, desc=f"epoch {epoch} val",
-                               show_progress=is_main, reduce=reduce)
-                metrics = {
-                    "epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
-                    "val_loss": val.loss, "val_accuracy": val.accuracy,
-                    "lr": lr, "epoch_time_s": train.seconds,
-                    "train_images_per_s": train.images_per_s,
-                }
-                state.epoch = epoch
-                state.last_metrics = metrics
-                improved = val.accuracy > state.best_val_accuracy
-                if improved:
-                    state.best_val_accuracy, state.best_epoch = val.accuracy, epoch
-                    state.epochs_without_improvement = 0
-                    save(run_dir / "best.pt", full=False)
-                else:
-                    state.epochs_without_improvement += 1
-                log_epoch(metrics)
-                save(run_dir / "last.pt", full=True)
-                barrier()
-                if is_main:
-                    tqdm.write(
-                        f"epoch {epoch}/{epochs}  train_loss {train.loss:.4f}  train_accuracy {train.accuracy:.4f}  "
-                        f"val_loss {val.loss:.4f}  val_accuracy {val.accuracy:.4f}{' *' if improved else ''}  "
-                        f"lr {metrics['lr']:.2e}  {train.images_per_s:.0f} img/s  {train.seconds:.1f}s"
-                    )
-                if patience and state.epochs_without_improvement >= patience:
-                    if is_main:
-                        tqdm.write(f"early stop: val_accuracy has not improved for {patience} epochs "
-                                   f"(best {state.best_val_accuracy:.4f} at epoch {state.best_epoch})")
+                if _one_epoch(model, train_loader, val_loader, opt, precision, num_classes, epoch, epochs, seed,
+                              state, writer, log_epoch, tta, dist, patience):
                     break
         except KeyboardInterrupt:
             # Keep what was trained: the weights and optimizer as they are now. Resuming
             # restarts this epoch from them.
-            save(run_dir / "last.pt", full=True, interrupted=True)
+            writer.save("last.pt", state, full=True, interrupted=True)
             raise TrainingInterrupted(run_dir / "last.pt", epoch) from None
     return state
 
 
-def restore_training_state(checkpoint: dict, model: nn.Module, optimizer, scheduler,
-                           scaler: torch.amp.GradScaler) -> FitState:
-    """Load what fit()'s last.pt holds back into live objects."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng_state(checkpoint["rng"])
-    return FitState(
-        epoch=int(checkpoint["epoch"]),
-        best_val_accuracy=float(checkpoint["best_val_accuracy"]),
-        best_epoch=int(checkpoint["best_epoch"]),
-        epochs_without_improvement=int(checkpoint.get("epochs_without_improvement", 0)),
-        last_metrics=dict(checkpoint.get("metrics", {})),
-    )
-
+def _one_epoch(model, train_loader, val_loader, opt: Optimisation, precision: Precision, num_classes: int,
+               epoch: int, epochs: int, seed: int, state: FitState, writer: CheckpointWriter, log_epoch,
+               tta: str, dist: DistContext, patience: int) -> bool:
+    """Train and validate one epoch, save, log; True when early stopping ends the run."""
+    # The loader's shuffle and worker seeds depend on (seed, epoch) only, so a resumed run sees
+    # the same batches as an uninterrupted one.
+    generator = getattr(train_loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed * 1_000_003 + epoch)
+    if opt.before_epoch is not None:
+        opt.before_epoch(epoch)
+    lr = opt.optimizer.param_groups[0]["lr"]
+    train = train_one_epoch(model, train_loader, opt.optimizer, opt.scheduler, opt.scaler, opt.loss_fn, precision,
+                            epoch, show_progress=dist.is_main, reduce=dist.reduce, mix=opt.mix, ema=opt.ema)
+    val = evaluate(model if opt.ema is None else opt.ema.eval_model(), val_loader, precision, num_classes,
+                   desc=f"epoch {epoch} val", show_progress=dist.is_main, reduce=dist.reduce, tta=tta)
+    metrics = {"epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val.loss,
+               "val_accuracy": val.accuracy, "lr": lr, "epoch_time_s": train.seconds,
+               "train_images_per_s": train.images_per_s}
+    state.epoch, state.last_metrics = epoch, metrics
+    improved = val.accuracy > state.best_val_accuracy
+    if improved:
+        state.best_val_accuracy, state.best_epoch = val.accuracy, epoch
+        state.epochs_without_improvement = 0
+        writer.save("best.pt", state, full=False)
+    else:
+        state.epochs_without_improvement += 1
+    log_epoch(metrics)
+    writer.save("last.pt", state, full=True)
+    if dist.barrier is not None:
+        dist.barrier()
+    if dist.is_main:
+        tqdm.write(f"epoch {epoch}/{epochs}  train_loss {train.loss:.4f}  train_accuracy {train.accuracy:.4f}  "
+                   f"val_loss {val.loss:.4f}  val_accuracy {val.accuracy:.4f}{' *' if improved else ''}  "
+                   f"lr {lr:.2e}  {train.images_per_s:.0f} img/s  {train.seconds:.1f}s")
+    if patience and state.epochs_without_improvement >= patience:
+        if dist.is_main:
+            tqdm.write(f"early stop: val_accuracy has not improved for {patience} epochs "
+                       f"(best {state.best_val_accuracy:.4f} at epoch {state.best_epoch})")
+        return True
+    return False

@@ -1,0 +1,157 @@
+"""What a script does besides a plain training run: --predict and --test_only (a checkpoint
+alone), --resume (the run's saved config plus the few flags a resume may change), and the
+end-of-run pictures hook."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch import nn
+
+from data import NatureData, ensure_dataset
+from data.loaders import make_loader
+
+from .checkpoint import load_checkpoint
+from .errors import EXIT_OK, UsageError
+from .runtime import default_num_workers, make_precision, prepare_model, resolve_device
+from .evaluation import evaluate
+
+
+@dataclass(frozen=True)
+class ScriptSpec:
+    """What each script provides, in one place: main() and utils.sweep_check use only this."""
+    name: str  # "trainA" / "trainB": checkpoints record it
+    get_args_parser: Callable
+    config_from_args: Callable  # parsed flags -> config
+    config_from_checkpoint: Callable  # checkpoint dict -> config
+    check_config: Callable  # raises UsageError/ModelConfigError for what can fail without data
+    build_model: Callable  # (config, num_classes) -> model
+    run_name: Callable  # config -> run name
+    rebuild_from_checkpoint: Callable  # checkpoint -> (config, model with weights, eval transform)
+    shape_fields: tuple[str, ...] = ()  # flags whose combinations decide whether the model builds
+
+    def parse_args(self, argv: Sequence[str] | None = None):
+        return self.get_args_parser().parse_args(argv)
+
+
+def open_run(spec: ScriptSpec, argv: Sequence[str] | None):
+    """The opening both scripts' main() share: parse, run --predict/--test_only if asked (returns
+    (exit code, None, None)), else the run's config with --resume's rules, checked before any
+    data is touched: (None, args, config)."""
+    parser = spec.get_args_parser()
+    args = parser.parse_args(argv)
+    code = run_checkpoint_action(args, parser, spec.name, spec.rebuild_from_checkpoint)
+    if code is not None:
+        return code, None, None
+    cfg = config_for_run(args, parser, spec.config_from_args, spec.config_from_checkpoint)
+    spec.check_config(cfg)
+    resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
+    if args.lr_find and args.resume:
+        raise UsageError("--lr_find starts from fresh weights; drop --resume")
+    return None, args, cfg
+
+
+def report_test(stats, class_names: list[str], header: str) -> dict:
+    """Print test metrics and per-class accuracy; return them as a flat dict."""
+    per_class = dict(zip(class_names, stats.per_class_accuracy()))
+    print(f"{header}: test_loss {stats.loss:.4f}  test_accuracy {stats.accuracy:.4f}  ({stats.images} images)")
+    width = max(len(n) for n in class_names)
+    for name, accuracy in per_class.items():
+        print(f"  {name:<{width}}  {accuracy:.4f}")
+    return {"test_loss": stats.loss, "test_accuracy": stats.accuracy, "test_images": stats.images,
+            "test_per_class_accuracy": per_class}
+
+
+# What --resume lets a user change; everything else comes from the run's own checkpoint.
+RESUME_OVERRIDES = frozenset({"data_dir", "device", "num_workers", "wandb_mode", "epochs", "cache_dir", "pictures"})
+
+
+def explicit_flags(args, parser) -> set[str]:
+    """Flags the user gave a value other than the default."""
+    return {name for name, value in vars(args).items() if value != parser.get_default(name)}
+
+
+def run_checkpoint_action(args, parser, script: str, rebuild: Callable) -> int | None:
+    """--predict / --test_only, which need only a checkpoint; None when neither was asked for."""
+    from .predict import predict
+
+    if args.predict:
+        return predict(args.predict, args.checkpoint, script, rebuild, args.device, prog=f"{script}.py")
+    if args.test_only:
+        given = explicit_flags(args, parser)
+        return test_only(args.checkpoint, script, rebuild, data_dir=args.data_dir if "data_dir" in given else None,
+                         device=args.device, batch_size=args.batch_size if "batch_size" in given else None,
+                         num_workers=args.num_workers)
+    return None
+
+
+def config_for_run(args, parser, from_args: Callable, from_checkpoint: Callable):
+    """The run's config: from the flags, or with --resume from the checkpoint plus the few
+    flags RESUME_OVERRIDES allows to change. Any other flag that would change a saved setting
+    is refused (silently dropping it would run something else than the user asked for)."""
+    if not args.resume:
+        return from_args(args)
+    args.resume = str(Path(args.resume).expanduser())
+    checkpoint = load_checkpoint(args.resume)
+    check_resumable(checkpoint, args.resume)
+    saved = from_checkpoint(checkpoint)
+    given = explicit_flags(args, parser) & {f.name for f in dataclasses.fields(saved)}
+    wanted = from_args(args)
+    changed = sorted(name for name in given - RESUME_OVERRIDES if getattr(wanted, name) != getattr(saved, name))
+    if changed:
+        allowed = ", ".join(f"--{name}" for name in sorted(RESUME_OVERRIDES))
+        raise UsageError(f"--resume continues a run with its saved settings, so {', '.join('--' + n for n in changed)} "
+                         f"cannot change (with --resume only {allowed} may); start a new run instead")
+    return dataclasses.replace(saved, **{name: getattr(wanted, name) for name in given & RESUME_OVERRIDES})
+
+
+def check_resumable(checkpoint: dict, path: str) -> None:
+    if "optimizer" not in checkpoint:
+        raise UsageError(f"'{path}' holds weights only (a best.pt); resume from the last.pt in the same folder")
+
+
+def pictures_maker(cfg, guided: bool) -> Callable:
+    """The after_test hook that draws every picture of a finished run."""
+    def make(model, precision, test_set, test_stats, run_dir, tracker, class_names):
+        from .pictures import make_all
+
+        paths = make_all(model, precision, test_set, test_stats, run_dir, tracker, class_names, cfg.seed, guided=guided)
+        print("pictures: " + ", ".join(p.name for p in paths.values()))
+    return make
+
+
+def check_script(checkpoint: dict, script: str, path: str) -> None:
+    if checkpoint.get("script") != script:
+        raise UsageError(f"checkpoint '{path}' was written by {checkpoint.get('script')}.py; "
+                         f"use it with that script, not {script}.py")
+
+
+def test_only(checkpoint_path: str, script: str, rebuild: Callable[[dict], tuple[object, nn.Module, Callable]],
+              data_dir: str | None, device: str, batch_size: int | None, num_workers: int) -> int:
+    """Evaluate a checkpoint on the test folder using only what the checkpoint carries.
+
+    rebuild(checkpoint) -> (config, model with weights, eval transform).
+    """
+    if not checkpoint_path:
+        raise UsageError("--test_only needs --checkpoint PATH (a best.pt or last.pt)")
+    checkpoint = load_checkpoint(checkpoint_path)
+    check_script(checkpoint, script, checkpoint_path)
+    cfg, model, eval_transform = rebuild(checkpoint)
+    precision = make_precision(cfg, device)
+    test_set = NatureData(ensure_dataset(data_dir or cfg.data_dir, download=False), "test", eval_transform,
+                          image_size=cfg.image_size)
+    if test_set.classes != list(checkpoint["class_names"]):
+        raise UsageError(f"the test folder's classes {test_set.classes} differ from the checkpoint's "
+                         f"{checkpoint['class_names']}; point --data_dir at the data set it was trained on")
+    loader = make_loader(test_set, batch_size or cfg.batch_size, False, precision.device,
+                         default_num_workers(num_workers), 0)
+    model = prepare_model(model, precision)
+    started = time.perf_counter()
+    stats = evaluate(model, loader, precision, len(test_set.classes), desc="test", tta=getattr(cfg, "tta", "none"))
+    report_test(stats, test_set.classes, f"{checkpoint_path} (epoch {checkpoint.get('epoch')})")
+    print(f"evaluated in {time.perf_counter() - started:.1f}s")
+    return EXIT_OK

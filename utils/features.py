@@ -1,0 +1,56 @@
+"""Part B's frozen-feature cache: with a frozen backbone, every image goes through it once and
+the epochs train the head alone on the stored features (a ModelRecipe's feature_cache hook says
+how to split the model)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from data.loaders import FeatureBatches, in_order
+
+from .runtime import Precision
+
+
+@dataclass
+class FitInputs:
+    """What fit() trains and validates: the model's images, or a head's features."""
+    module: nn.Module
+    train: object
+    val: object
+    precision: Precision
+    tta: str
+
+
+@torch.no_grad()
+def compute_features(extract: Callable, loader, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every image of loader through extract once: (features as fp32, labels), on the device."""
+    features, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = precision.to_device(*batch)
+        with precision.autocast():
+            features.append(extract(images).float())
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels)
+
+
+def feature_inputs(split: Callable, model: nn.Module, train_loader, val_loader, precision: Precision,
+                   batch_size: int, seed: int, compile_asked: bool, say: Callable) -> FitInputs:
+    """split(model) -> (extract, head). Every train image (unshuffled, none dropped) and every
+    val image gets its features once; the head then trains in fp32 (it is tiny)."""
+    extract, head = split(model)
+    started = time.perf_counter()
+    train = FeatureBatches(*compute_features(extract, in_order(train_loader), precision), batch_size, True, seed)
+    val = FeatureBatches(*compute_features(extract, val_loader, precision), batch_size, False, seed)
+    if compile_asked:
+        say("--compile: not applied, the feature cache trains only the head (one small layer)")
+    say(f"frozen features of {len(train.labels) + len(val.labels)} images computed once in "
+        f"{time.perf_counter() - started:.1f}s; epochs now train the head only")
+    # A feature vector has no mirror image: no flip TTA on features (the test, on images, uses --tta).
+    return FitInputs(head, train, val, Precision(precision.device), "none")

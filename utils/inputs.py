@@ -1,0 +1,102 @@
+"""The run's data: the three splits (checked against a resumed run), and their loaders, cached
+with augmentation on the device, or streaming (also the fallback when the cache cannot be used)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data import AugmentSpec, NatureData, ensure_dataset
+from data.augment import BatchAugment
+from data.cache import CacheUnavailable, build_or_load, default_cache_dir
+from data.loaders import CachedBatches, make_loader
+
+from .config import wants_download
+from .errors import UsageError
+from .runtime import default_num_workers
+from .runtime import Precision
+
+
+@dataclass
+class RunData:
+    train_set: NatureData
+    val_set: NatureData
+    test_set: NatureData
+    loaders: tuple  # train, val, test
+    num_workers: int
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train_set.classes
+
+
+def load_data(run) -> RunData:
+    """The three splits (checked against a resumed run's classes) and their loaders."""
+    cfg, recipe = run.cfg, run.recipe
+    num_workers = default_num_workers(cfg.num_workers)
+    if run.dist.enabled:
+        num_workers = max(0, num_workers // run.dist.world)
+    data_dir = ensure_dataset(cfg.data_dir, cfg.data_url, wants_download(cfg), cfg.keep_zip)  # locked: one downloads
+    common = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train_set = NatureData(data_dir, "train", recipe.train_transform, train_fraction=cfg.train_fraction, **common)
+    val_set = NatureData(data_dir, "val", recipe.eval_transform, **common)
+    test_set = NatureData(data_dir, "test", recipe.eval_transform, **common)
+    classes = train_set.classes
+    if len(classes) < 2:
+        raise UsageError(f"'{train_set.root}' holds one class ({classes[0]}); a classifier needs at least two "
+                         "class folders")
+    if run.checkpoint is not None and list(run.checkpoint["class_names"]) != classes:
+        raise UsageError(f"the data's classes {classes} differ from those of the run being resumed "
+                         f"{list(run.checkpoint['class_names'])}; point --data_dir at the data set it was trained on")
+    if len(val_set) == 0:
+        raise UsageError("--val_fraction 0 leaves no validation images, which best.pt and early stopping need; "
+                         "use --val_fraction 0.2")
+    run.say(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
+            f"{len(classes)} classes from {train_set.root.parent}")
+    loaders = make_loaders(run, num_workers, train_set, val_set, test_set)
+    return RunData(train_set, val_set, test_set, loaders, num_workers)
+
+
+def make_loaders(run, num_workers: int, train_set, val_set, test_set) -> tuple:
+    """Cached path: decode once, batches augmented on the device. Streaming: DataLoader workers,
+    also the fallback (with a one-line warning) when the cache folder cannot be used."""
+    cfg, device, dist = run.cfg, run.precision.device, run.dist
+    if cfg.cache != "off":
+        try:
+            return cached_loaders(run, train_set, val_set, test_set)
+        except CacheUnavailable as error:
+            run.say(f"warning: {error}; decoding images every epoch instead (set --cache_dir to a writable folder "
+                    "with space, or --cache off to silence this)", file=sys.stderr)
+    return tuple(make_loader(ds, cfg.batch_size, ds is train_set, device, num_workers, cfg.seed, dist.rank, dist.world)
+                 for ds in (train_set, val_set, test_set))
+
+
+def cached_loaders(run, train_set, val_set, test_set) -> tuple:
+    cfg, recipe, precision = run.cfg, run.recipe, run.precision
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    loaders = []
+    for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)):
+        split = build_or_load(dataset.samples, dataset.decode_size or recipe.resize_size, recipe.resize_size,
+                              cfg.image_size, cache_dir, name)
+        skipped = int((~split.valid).sum())
+        if skipped:
+            run.say(f"{name}: {skipped} unreadable image(s) skipped (named above when the cache was built)")
+        train = dataset is train_set
+        augment = BatchAugment(cfg.image_size, train and cfg.data_aug and recipe.augment, recipe.mean, recipe.std,
+                               AugmentSpec.from_config(cfg), precision.channels_last)
+        loaders.append(CachedBatches(split, cfg.batch_size, train, augment, precision.device, cfg.seed,
+                                     on_device=train and keep_on_device(cfg, precision, split),
+                                     rank=run.dist.rank, world=run.dist.world))
+    return tuple(loaders)
+
+
+def keep_on_device(cfg, precision: Precision, split) -> bool:
+    if cfg.data_on_device != "auto":
+        return cfg.data_on_device == "true"
+    if precision.device.type != "cuda":
+        return False  # on the CPU the memory map already is host memory
+    free, _ = torch.cuda.mem_get_info(precision.device)
+    return split.images.nbytes < 0.4 * free

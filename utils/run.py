@@ -1,0 +1,233 @@
+"""The run's life, shared by both scripts: data -> model -> run directory -> training set-up ->
+fit() -> test of best.pt -> pictures. A script contributes only a ModelRecipe.
+
+Under torchrun every rank runs this; rank 0 alone prints, logs and writes files.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from data import IMAGENET_MEAN, IMAGENET_STD
+from data.augment import build_mix
+from data.loaders import CachedBatches
+
+from . import distributed
+from .actions import check_script, report_test
+from .checkpoint import load_checkpoint
+from .distributed import DistInfo
+from .ema import WeightEMA
+from .errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
+from .features import FitInputs, feature_inputs
+from .inputs import RunData, load_data
+from .lr_find import run_lr_find
+from .optim import build_optimizer, build_scheduler
+from .rundir import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
+from .runtime import make_precision, prepare_model, seed_everything
+from .tracking import Tracker
+from .checkpoint import FitState, restore_training_state
+from .runtime import Precision
+from .evaluation import evaluate
+from .train import DistContext, NonFiniteLoss, Optimisation, TrainingInterrupted, fit
+
+
+@dataclass
+class ModelRecipe:
+    """What a script contributes: everything else is shared."""
+    script: str  # "trainA" / "trainB": recorded in checkpoints, checked when loading them
+    build_model: Callable[[int], nn.Module]  # num_classes -> model (weights loaded)
+    param_groups: Callable[[nn.Module], list[dict]]  # model -> optimizer groups (each with its lr)
+    train_transform: Callable
+    eval_transform: Callable
+    resize_size: int  # the eval transform's Resize (shorter side), the decoded cache's square side
+    augment: bool = True  # train-time augmentation (with --data_aug); off where features are cached
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    before_epoch: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None
+    # With a frozen backbone: model -> (features(images), head). fit() then trains only the
+    # head on features computed once; checkpoints still hold the whole model.
+    feature_cache: Callable[[nn.Module], tuple[Callable, nn.Module]] | None = None
+
+
+@dataclass
+class Run:
+    """One process's view of the run being set up."""
+    cfg: object
+    recipe: ModelRecipe
+    dist: DistInfo
+    precision: Precision
+    checkpoint: dict | None
+    state: FitState | None = None  # set by train()
+
+    def say(self, *args, **kwargs) -> None:
+        if self.dist.is_main:
+            print(*args, **kwargs)
+
+
+def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callable[[nn.Module], str] | None = None,
+                   resume: str = "", after_test: Callable | None = None, lr_find_steps: int = 0) -> int:
+    """Train with fit(), then evaluate best.pt on the test folder (or, with lr_find_steps, run
+    the learning-rate finder instead). Returns the exit code."""
+    dist_info, device_name = distributed.setup(cfg.device)
+    try:
+        distributed.check_batch_size(cfg.batch_size, dist_info.world)
+        seed_everything(cfg.seed + dist_info.rank)  # dropout and mixing draw differently per rank
+        checkpoint = load_checkpoint(resume) if resume else None
+        if checkpoint is not None:
+            check_script(checkpoint, recipe.script, resume)
+        run = Run(cfg, recipe, dist_info, make_precision(cfg, device_name), checkpoint)
+        return _live(run, run_name, summary_text, resume, after_test, lr_find_steps)
+    finally:
+        release_run_dirs()
+        distributed.teardown()
+
+
+def _live(run: Run, run_name: str, summary_text, resume: str, after_test, lr_find_steps: int) -> int:
+    cfg, main = run.cfg, run.dist.is_main
+    data = load_data(run)
+    # Build (and download) the model before creating the run directory, so a failure leaves nothing.
+    model = prepare_model(run.recipe.build_model(len(data.class_names)), run.precision)
+    run_dir = open_run_dir(run, run_name, resume)
+    if summary_text is not None and main:
+        (run_dir / "model_summary.txt").write_text(summary_text(model) + "\n")
+    opt, state, trained = set_up_training(run, model, data, run_dir)
+    config = asdict(cfg)
+    if main:
+        write_json(run_dir / "config.json", dict(config, script=run.recipe.script, class_names=data.class_names))
+        write_state(run_dir, "running")
+    tracker = Tracker(run_dir, config, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_entity, run_name,
+                      resume_id=run.checkpoint.get("wandb_run_id", "") if run.checkpoint else "",
+                      keep_through_epoch=state.epoch if state else None, is_main=main)
+    meta = {"script": run.recipe.script, "config": config, "class_names": data.class_names,
+            "wandb_run_id": tracker.run_id, "format": 1}
+    describe(run, run_dir, data)
+    inputs = fit_inputs(run, model, trained, data)
+    if lr_find_steps:
+        return run_lr_find(run, model, inputs, opt, lr_find_steps, run_dir, tracker)
+    code = train(run, model, inputs, opt, state, run_dir, meta, tracker)
+    if code is not None:
+        return code
+    return test_best(run, model, data, run_dir, tracker, after_test)
+
+
+def open_run_dir(run: Run, run_name: str, resume: str) -> Path:
+    """A fresh run directory (the resumed run's own with --resume), locked by rank 0."""
+    run_dir = None
+    if run.dist.is_main:
+        run_dir = Path(resume).resolve().parent if run.checkpoint is not None else create_run_dir(run.cfg.output_dir,
+                                                                                                   run_name)
+        own_run_dir(run_dir)  # held until train_and_test returns
+    if run.dist.enabled:
+        run_dir = distributed.broadcast_object(run_dir)
+    return run_dir
+
+
+def set_up_training(run: Run, model: nn.Module, data: RunData, run_dir: Path):
+    """Optimizer, schedule, scaler, EMA (restored from last.pt on --resume), and the module the
+    batches go through (DDP-wrapped under torchrun, compiled with --compile)."""
+    cfg, recipe, precision = run.cfg, run.recipe, run.precision
+    optimizer = build_optimizer(recipe.param_groups(model), cfg.optimizer, cfg.lr, cfg.momentum)
+    steps_per_epoch = len(data.loaders[0])
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs * steps_per_epoch,
+                                round(cfg.warmup_epochs * steps_per_epoch))
+    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                       torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16),
+                       mix=build_mix(cfg.mixup_alpha, cfg.cutmix_alpha, len(data.class_names)),
+                       before_epoch=(lambda epoch: recipe.before_epoch(model, optimizer, epoch))
+                       if recipe.before_epoch else None)
+    if cfg.ema_decay > 0:
+        # With cached features, validation batches are features: they go through the head only.
+        features = recipe.feature_cache is not None and not run.dist.enabled
+        opt.ema = WeightEMA(model, cfg.ema_decay, (lambda m: recipe.feature_cache(m)[1]) if features else (lambda m: m))
+    state = None
+    if run.checkpoint is not None:
+        state = restore_training_state(run.checkpoint, model, optimizer, scheduler, opt.scaler, opt.ema,
+                                       run.dist.rank, run.dist.world)
+        run.say(f"resuming {run_dir} after epoch {state.epoch} (best val_accuracy {state.best_val_accuracy:.4f})")
+    trained = (distributed.wrap_ddp(model, cfg.sync_bn, recipe.before_epoch is not None, precision.device)
+               if run.dist.enabled else model)
+    if cfg.compile:
+        # Checkpoints keep saving `model`, whose state_dict keys the compiled wrapper would prefix.
+        trained = torch.compile(trained)
+    return opt, state, trained
+
+
+def describe(run: Run, run_dir: Path, data: RunData) -> None:
+    precision = run.precision
+    amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.autocast_dtype]
+    run.say(f"run directory: {run_dir}\ndevice: {precision.device} ({amp_name}"
+            f"{', channels_last' if precision.channels_last else ''}), "
+            f"{'decoded-image cache' if isinstance(data.loaders[0], CachedBatches) else f'{data.num_workers} data workers'}"
+            f"{f', {run.dist.world} processes' if run.dist.enabled else ''}")
+
+
+def fit_inputs(run: Run, model: nn.Module, trained: nn.Module, data: RunData) -> FitInputs:
+    """The images through the whole model, or (trainB's feature cache) features through the head."""
+    train_loader, val_loader, _ = data.loaders
+    if run.recipe.feature_cache is None or run.dist.enabled:
+        return FitInputs(trained, train_loader, val_loader, run.precision, run.cfg.tta)
+    return feature_inputs(run.recipe.feature_cache, model, train_loader, val_loader, run.precision,
+                          run.cfg.batch_size, run.cfg.seed, run.cfg.compile, run.say)
+
+
+def dist_context(dist: DistInfo) -> DistContext:
+    if not dist.enabled:
+        return DistContext()
+    return DistContext(dist.is_main, distributed.all_reduce_sum, distributed.barrier, distributed.all_gather_object)
+
+
+def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, state: FitState | None, run_dir: Path,
+          meta: dict, tracker: Tracker) -> int | None:
+    """fit(); an exit code if it ended early (NaN, Ctrl-C), else None with run.state set."""
+    cfg, main, script = run.cfg, run.dist.is_main, run.recipe.script
+    try:
+        run.state = fit(inputs.module, inputs.train, inputs.val, opt, epochs=cfg.epochs, precision=inputs.precision,
+                        num_classes=len(meta["class_names"]), run_dir=run_dir, checkpoint_meta=meta,
+                        log_epoch=tracker.log_epoch, patience=cfg.patience, seed=cfg.seed, state=state,
+                        tta=inputs.tta, unwrap=lambda _: model, dist=dist_context(run.dist))
+        return None
+    except NonFiniteLoss as error:
+        kept = (f"best.pt (epoch {state.best_epoch if state else '?'}) is kept" if (run_dir / "best.pt").exists()
+                else "no epoch finished, so there is no best.pt")
+        if main:
+            print(f"{script}.py: error: {error}; training stopped, {kept} in {run_dir}; lower --lr or use --amp off",
+                  file=sys.stderr)
+            write_state(run_dir, "failed", reason=str(error))
+        tracker.log_summary({"diverged": True})
+        tracker.finish(exit_code=EXIT_DIVERGED)
+        return EXIT_DIVERGED
+    except TrainingInterrupted as interrupt:
+        if main:
+            print(f"\n{interrupt}; continue with: python {script}.py --resume {interrupt.checkpoint}", file=sys.stderr)
+            write_state(run_dir, "interrupted", epoch=interrupt.epoch)
+        tracker.finish(exit_code=EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+
+
+def test_best(run: Run, model: nn.Module, data: RunData, run_dir: Path, tracker: Tracker, after_test) -> int:
+    """best.pt on the test folder (with --tta), test_metrics.json, then the pictures."""
+    state, classes = run.state, data.class_names
+    model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
+    test = evaluate(model, data.loaders[2], run.precision, len(classes), desc="test", keep_predictions=True,
+                    show_progress=run.dist.is_main, reduce=dist_context(run.dist).reduce, tta=run.cfg.tta)
+    if not run.dist.is_main:
+        return EXIT_OK
+    results = report_test(test, classes, f"best.pt (epoch {state.best_epoch}, val_accuracy "
+                                         f"{state.best_val_accuracy:.4f})")
+    results.update(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy)
+    write_json(run_dir / "test_metrics.json", results)
+    tracker.log_summary({k: v for k, v in results.items() if not isinstance(v, dict)})
+    tracker.log_summary({f"test_accuracy/{k}": v for k, v in results["test_per_class_accuracy"].items()})
+    if after_test is not None and not run.dist.enabled:
+        after_test(model=model, precision=run.precision, test_set=data.test_set, test_stats=test, run_dir=run_dir,
+                   tracker=tracker, class_names=classes)
+    tracker.finish()
+    write_state(run_dir, "finished")
+    print(f"saved {run_dir}/best.pt, last.pt, metrics.csv, curves.png, config.json, test_metrics.json")
+    return EXIT_OK

@@ -1,0 +1,72 @@
+"""The run directory: created fresh (or reopened by --resume), locked while a process owns it,
+and its small JSON files (config.json, state.json, test_metrics.json) written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .errors import UsageError
+
+RUN_STATES = ("running", "finished", "interrupted", "failed", "lr_find")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_state(run_dir: Path, state: str, **details) -> None:
+    """state.json: how the run ended (read by `python -m utils.runs`)."""
+    assert state in RUN_STATES, state
+    write_json(run_dir / "state.json", {"state": state, **details})
+
+
+def create_run_dir(output_dir: str, name: str) -> Path:
+    """A fresh folder output_dir/name (name-2, name-3, ... if taken); fails early if unwritable."""
+    root = Path(output_dir).expanduser()
+    safe = re.sub(r"[^A-Za-z0-9._,+=-]+", "_", name).strip("._") or "run"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 10_000):
+            run_dir = root / (safe if attempt == 1 else f"{safe}-{attempt}")
+            try:
+                run_dir.mkdir()
+            except FileExistsError:
+                continue
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            return run_dir
+    except OSError as error:
+        raise UsageError(f"cannot write to --output_dir '{root}' ({error.strerror}); choose a writable folder") from None
+    raise UsageError(f"--output_dir '{root}' already holds 10,000 runs named {safe}; pass --run_name")
+
+
+_held_locks: list = []  # released by release_run_dirs()
+
+
+def own_run_dir(run_dir: Path):
+    """Lock run_dir for this process, so two processes (say, the same --resume started twice)
+    never write one run folder together."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(run_dir / ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(f"run folder '{run_dir}' is in use by another process; wait for it to end or "
+                         "resume a different run") from None
+    except OSError as error:
+        raise UsageError(f"cannot lock run folder '{run_dir}' ({error.strerror or error}); "
+                         "choose a writable --output_dir") from None
+    _held_locks.append(lock)
+    return lock
+
+
+def release_run_dirs() -> None:
+    while _held_locks:
+        _held_locks.pop().release()
