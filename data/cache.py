@@ -31,6 +31,11 @@ from .folder import Sample
 CACHE_VERSION = 1
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under a batch scheduler)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "inat12k" / "decoded"
@@ -174,7 +179,7 @@ def _build(samples, load_size, size, final, array_path: Path, meta_path: Path, n
 
         # Threads, not processes: Pillow and torch release the GIL while decoding and resizing,
         # and forking a process that already runs threads (torch, wandb) can deadlock.
-        workers = workers or min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 32)
+        workers = workers or min(usable_cpus(), 32)
         with tqdm(total=len(samples), desc=f"decoding {name} once ({size}x{size})", unit="img", disable=None) as bar, \
                 ThreadPoolExecutor(workers) as pool:
             for index, error in pool.map(decode, range(len(samples))):

@@ -15,7 +15,7 @@ from torch import nn
 from data import NatureData, ensure_dataset
 from data.loaders import make_loader
 
-from .checkpoint import load_checkpoint
+from .checkpoint import check_script, load_checkpoint
 from .errors import EXIT_OK, UsageError
 from .runtime import default_num_workers, make_precision, prepare_model, resolve_device
 from .evaluation import evaluate
@@ -122,12 +122,6 @@ def pictures_maker(cfg, guided: bool) -> Callable:
         paths = make_all(model, precision, test_set, test_stats, run_dir, tracker, class_names, cfg.seed, guided=guided)
         print("pictures: " + ", ".join(p.name for p in paths.values()))
     return make
-
-
-def check_script(checkpoint: dict, script: str, path: str) -> None:
-    if checkpoint.get("script") != script:
-        raise UsageError(f"checkpoint '{path}' was written by {checkpoint.get('script')}.py; "
-                         f"use it with that script, not {script}.py")
 
 
 def test_only(checkpoint_path: str, script: str, rebuild: Callable[[dict], tuple[object, nn.Module, Callable]],

@@ -57,6 +57,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
+def check_script(checkpoint: dict, script: str, path: str) -> None:
+    if checkpoint.get("script") != script:
+        raise CheckpointError(f"checkpoint '{path}' was written by {checkpoint.get('script')}.py; "
+                         f"use it with that script, not {script}.py")
+
+
 def capture_rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():

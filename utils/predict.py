@@ -12,7 +12,7 @@ from torch import nn
 from data import IMAGE_EXTENSIONS, load_rgb, working_size
 from data.decode import UNREADABLE
 
-from .checkpoint import load_checkpoint
+from .checkpoint import check_script, load_checkpoint
 from .errors import UsageError
 from .runtime import resolve_device
 from .evaluation import predict_logits
@@ -46,8 +46,7 @@ def predict(paths: list[str], checkpoint_path: str, script: str,
         raise UsageError("--predict needs --checkpoint PATH (a best.pt or last.pt)")
     checkpoint = load_checkpoint(checkpoint_path)  # refuse a bad checkpoint before anything else
     files = expand(paths)
-    if checkpoint.get("script") != script:
-        raise UsageError(f"checkpoint '{checkpoint_path}' was written by {checkpoint.get('script')}.py; use that script")
+    check_script(checkpoint, script, checkpoint_path)
     cfg, model, transform = rebuild(checkpoint)
     classes = list(checkpoint["class_names"])
     target = resolve_device(device)

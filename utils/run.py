@@ -19,8 +19,8 @@ from data.augment import build_mix
 from data.loaders import CachedBatches
 
 from . import distributed
-from .actions import check_script, report_test
-from .checkpoint import load_checkpoint
+from .actions import report_test
+from .checkpoint import check_script, load_checkpoint
 from .distributed import DistInfo
 from .ema import WeightEMA
 from .errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
@@ -186,6 +186,7 @@ def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, stat
           meta: dict, tracker: Tracker) -> int | None:
     """fit(); an exit code if it ended early (NaN, Ctrl-C), else None with run.state set."""
     cfg, main, script = run.cfg, run.dist.is_main, run.recipe.script
+    state = state or FitState()  # fit() updates it in place, so an early end still knows the best epoch
     try:
         run.state = fit(inputs.module, inputs.train, inputs.val, opt, epochs=cfg.epochs, precision=inputs.precision,
                         num_classes=len(meta["class_names"]), run_dir=run_dir, checkpoint_meta=meta,
@@ -193,7 +194,7 @@ def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, stat
                         tta=inputs.tta, unwrap=lambda _: model, dist=dist_context(run.dist))
         return None
     except NonFiniteLoss as error:
-        kept = (f"best.pt (epoch {state.best_epoch if state else '?'}) is kept" if (run_dir / "best.pt").exists()
+        kept = (f"best.pt (epoch {state.best_epoch}) is kept" if (run_dir / "best.pt").exists()
                 else "no epoch finished, so there is no best.pt")
         if main:
             print(f"{script}.py: error: {error}; training stopped, {kept} in {run_dir}; lower --lr or use --amp off",

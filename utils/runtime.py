@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from data.cache import usable_cpus
+
 from .errors import UsageError
 
 
@@ -112,7 +114,7 @@ def use_channels_last(device: torch.device, flag: str) -> bool:
 def default_num_workers(requested: int) -> int:
     if requested >= 0:
         return requested
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return min(8, usable_cpus())
 
 
 def seed_everything(seed: int) -> None:
