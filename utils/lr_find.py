@@ -85,7 +85,7 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, loader, precisio
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            value = float(loss)
+            value = float(loss.detach())
             average = SMOOTHING * average + (1 - SMOOTHING) * value
             smoothed = average / (1 - SMOOTHING ** (step + 1))
             result.lrs.append(lr)
