@@ -122,3 +122,28 @@ def test_pictures_are_full_colour(tiny_data, tmp_path):
     for name in ("prediction_grid.png", "filters.png", "feature_maps.png", "confusion_matrix.png", "curves.png",
                  "guided_backprop.png"):
         assert Image.open(run_dir / name).mode in ("RGB", "RGBA"), name
+
+
+def test_ctrl_c_while_curves_are_drawn_is_not_lost(tmp_path, monkeypatch):
+    """matplotlib can swallow a KeyboardInterrupt raised inside it; the signal is held while the
+    picture is drawn and raised right after, so Ctrl-C always stops the run."""
+    import os
+    import signal
+
+    import utils.curves
+    from utils.tracking import Tracker
+
+    def swallowing_plot(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a point where Python delivers pending signals
+        except KeyboardInterrupt:  # what the library does
+            pass
+        return 0
+
+    monkeypatch.setattr(utils.curves, "plot_curves", swallowing_plot)
+    tracker = Tracker(tmp_path, {}, "disabled", "", "", "run")
+    with pytest.raises(KeyboardInterrupt):
+        tracker.log_epoch({"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0,
+                           "val_accuracy": 0.5, "lr": 0.1})
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
