@@ -2,6 +2,7 @@
 EMA, test-time flips, global pooling and the train subset, on both data paths."""
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -239,3 +240,15 @@ def test_dry_run_accepts_every_tool():
     result = run_main("trainA.py", "--dry_run", *TOOLS, "--train_fraction", "0.3", "-is", "64")
     assert result.returncode == 0, result.stderr
     assert "AdaptiveAvgPool2d" in result.stdout
+
+
+def test_a_checkpoint_from_before_the_new_flags_keeps_its_own_augmentation_and_no_tta():
+    from utils.config import config_from_dict
+
+    old = {k: v for k, v in dataclasses.asdict(trainA.ConfigA()).items()
+           if k not in ("crop_scale", "jitter", "erasing", "tta", "auto_augment")}
+    cfg = config_from_dict(trainA.ConfigA, old)
+    assert (cfg.crop_scale, cfg.jitter, cfg.erasing, cfg.tta) == (0.35, 0.2, 0.1, "none")
+    assert cfg.auto_augment == "none"
+    saved_now = config_from_dict(trainA.ConfigA, dataclasses.asdict(trainA.ConfigA()))
+    assert saved_now == trainA.ConfigA()  # a current checkpoint round-trips unchanged

@@ -67,10 +67,17 @@ class TrainConfig:
     pictures: bool = True
 
 
+# What a checkpoint written before these flags existed was trained and evaluated with: its
+# --test_only, --predict and --resume keep doing exactly that, not today's defaults.
+LEGACY_VALUES = {"crop_scale": 0.35, "jitter": 0.2, "erasing": 0.1, "tta": "none"}
+
+
 def config_from_dict(config_cls, values: dict):
-    """A config from a checkpoint's saved dict; keys this version does not know are dropped."""
+    """A config from a checkpoint's saved dict; keys this version does not know are dropped, and
+    settings added since the checkpoint was written take the value that run had in effect."""
     known = {f.name for f in fields(config_cls)}
-    return config_cls(**{key: value for key, value in values.items() if key in known})
+    return config_cls(**{**{k: v for k, v in LEGACY_VALUES.items() if k in known},
+                         **{key: value for key, value in values.items() if key in known}})
 
 
 def wants_download(cfg: TrainConfig) -> bool:
