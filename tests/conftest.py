@@ -127,3 +127,12 @@ def interrupted_in_epoch(monkeypatch, epoch: int):
         yield
     finally:
         monkeypatch.setattr(utils.train, "train_one_epoch", real)
+
+
+def interactive_signals() -> None:
+    """For Popen(preexec_fn=...): the signal dispositions of a terminal. A shell starts background
+    jobs (a CI script run with `&`, say) with SIGINT ignored, and Python then never turns Ctrl-C
+    into KeyboardInterrupt; a test of what Ctrl-C does must start from the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

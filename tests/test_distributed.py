@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_dataset
+from conftest import ROOT, interactive_signals, make_dataset
 from data.loaders import ShardedBatchSampler
 
 COMMON = ["-e", "2", "-is", "32", "-nf", "4", "-fo", "same", "-dn", "16", "-b", "8", "--device", "cpu",
@@ -121,7 +121,8 @@ def test_ctrl_c_on_the_launcher_leaves_a_valid_last_pt(tmp_path):
             str(ROOT / "trainA.py"), "--data_dir", str(data), *COMMON, "-e", "200", "-b", "2", "--patience", "0",
             "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            preexec_fn=interactive_signals)
     for line in proc.stdout:
         if line.startswith("epoch 1/200"):  # fit() is running (--patience 0: it cannot end early)
             break

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_ARGS, assert_one_line_error, make_dataset, run_main, write_image
+from conftest import ROOT, TINY_ARGS, assert_one_line_error, interactive_signals, make_dataset, run_main, write_image
 
 
 def train(script_args, tmp_path, script="trainA.py"):
@@ -165,7 +165,7 @@ def test_sigint_mid_epoch_saves_a_valid_last_pt(tmp_path):
     args = [sys.executable, str(ROOT / "trainA.py"), "--data_dir", str(data), "-e", "200", "--output_dir",
             str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), *TINY_ARGS, "-b", "2", "--patience", "0"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=interactive_signals)
     for line in proc.stdout:
         if line.startswith("epoch 1/200"):  # inside fit(), which --patience 0 keeps from ending early
             break

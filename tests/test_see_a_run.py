@@ -143,7 +143,8 @@ def test_ctrl_c_while_curves_are_drawn_is_not_lost(tmp_path, monkeypatch):
 
     monkeypatch.setattr(utils.curves, "plot_curves", swallowing_plot)
     tracker = Tracker(tmp_path, {}, "disabled", "", "", "run")
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         tracker.log_epoch({"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0,
                            "val_accuracy": 0.5, "lr": 0.1})
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
