@@ -91,6 +91,9 @@ def test_run_leaves_every_picture_and_logs_them_offline(tiny_data, tmp_path):
     (run_dir,) = list(out.iterdir())
     for name in ("prediction_grid.png", "filters.png", "feature_maps.png", "guided_backprop.png", "confusion_matrix.png"):
         assert Image.open(run_dir / name).size[0] > 10, name
+    import wandb
+
+    wandb.teardown()  # wait for wandb's writer process to flush and exit before reading its file
     (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     logged = {item.key or item.nested_key[0] for r in read_records(log) if r.WhichOneof("record_type") == "history"
               for item in r.history.item}
