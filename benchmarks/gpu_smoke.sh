@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_smoke.sh                 # on a machine with a CUDA GPU
 #   bash benchmarks/gpu_smoke.sh --device cpu    # dry check of this script's plumbing on a CPU:
 #                                                # the CUDA-only steps are skipped with a line saying so
+#   SMOKE_LOG=smoke.log bash benchmarks/gpu_smoke.sh   # also keep every step's whole output there
 #
 # Each step prints "ok <step>", "FAIL <step>" (with the command's last lines) or "skip <step> (why)";
 # the last line is "gpu_smoke: N ok, N failed, N skipped", and the exit code is 1 if any step failed.
@@ -26,10 +27,13 @@ fi
 step() {  # step NAME COMMAND...
   local name=$1; shift
   local started=$SECONDS
-  if "$@" > "$WORK/log" 2>&1; then
+  local code=0
+  "$@" > "$WORK/log" 2>&1 || code=$?
+  [ -n "${SMOKE_LOG:-}" ] && { echo "=== $name (exit $code)"; cat "$WORK/log"; } >> "$SMOKE_LOG"
+  if [ $code = 0 ]; then
     OK=$((OK + 1)); echo "ok   $name ($((SECONDS - started))s)"
   else
-    FAILED=$((FAILED + 1)); echo "FAIL $name (exit $?)"; tail -n 15 "$WORK/log" | sed 's/^/     /'
+    FAILED=$((FAILED + 1)); echo "FAIL $name (exit $code)"; tail -n 15 "$WORK/log" | sed 's/^/     /'
   fi
 }
 cuda_step() {  # like step, skipped on the CPU

@@ -8,7 +8,7 @@ from torch import nn
 import trainA
 import utils.runtime
 from conftest import TINY_ARGS
-from data import NatureData, build_eval_transform
+from data import IMAGENET_MEAN, IMAGENET_STD, NatureData, build_eval_transform
 from data.cache import build_or_load, to_tensor_batch
 from data.augment import BatchAugment
 from data.loaders import CachedBatches, copy_to_device
@@ -134,6 +134,19 @@ def test_device_copy_goes_in_chunks_and_equals_the_plain_copy(tiny_data, tmp_pat
     images, labels = copy_to_device(split, indices, torch.device("cpu"), chunk=7)
     expected_images, expected_labels = to_tensor_batch(split, indices)
     assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+def test_pixels_on_the_device_give_the_same_batches_as_the_host_gather(tiny_data, tmp_path):
+    """--data_on_device gathers each batch from the copy already on the device; the batches,
+    augmentation included, are those of the host path (on a CPU the 'device' is the host)."""
+    samples = NatureData(tiny_data, "train", val_fraction=0).samples
+    split = build_or_load(samples, 37, 37, 32, tmp_path / "cache")
+    augment = BatchAugment(32, True, IMAGENET_MEAN, IMAGENET_STD)
+    cpu = torch.device("cpu")
+    batches = [list(CachedBatches(split, 5, True, augment, cpu, seed=3, on_device=on)) for on in (False, True)]
+    assert len(batches[0]) == len(batches[1]) > 1
+    for (host_x, host_y), (dev_x, dev_y) in zip(*batches):
+        assert torch.equal(host_y, dev_y) and torch.allclose(host_x, dev_x)
 
 
 @pytest.mark.parametrize("kind", ["cached", "streaming"])

@@ -252,3 +252,34 @@ def test_a_checkpoint_from_before_the_new_flags_keeps_its_own_augmentation_and_n
     assert cfg.auto_augment == "none"
     saved_now = config_from_dict(trainA.ConfigA, dataclasses.asdict(trainA.ConfigA()))
     assert saved_now == trainA.ConfigA()  # a current checkpoint round-trips unchanged
+
+
+def test_every_screened_recipe_parses_and_the_table_ranks_by_val(tmp_path):
+    """benchmarks/recipes_128.txt (the GPU screen of docs/accuracy.md) holds only valid flags, and
+    the screen's table puts runs and recipes in order of best val_accuracy, a cut-off run included."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import screen_recipes
+
+    recipes = screen_recipes.read_recipes(root / "benchmarks" / "recipes_128.txt")
+    assert ("defaults", "") in recipes and len(recipes) > 5
+    for _, flags in recipes:
+        trainA.config_from_args(trainA.SPEC.parse_args(["-is", "128", "-e", "30", *shlex.split(flags)]))
+    runs = []
+    for name, seed, vals in [("a", 0, [0.5, 0.7]), ("b", 0, [0.8]), ("b", 1, [0.62]), ("c", 0, [])]:
+        run_dir = tmp_path / f"{name}{seed}"
+        run_dir.mkdir()
+        if vals:
+            with open(run_dir / "metrics.csv", "w") as f:
+                f.write("epoch,train_accuracy,val_accuracy,epoch_time_s\n")
+                f.writelines(f"{i + 1},0.9,{v},60\n" for i, v in enumerate(vals))
+        runs.append((name, "", seed, run_dir))
+    text = screen_recipes.table(runs, "-e 2")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split("|")[1].strip() for r in rows[1:5]] == ["b", "a", "b", "c"]
+    assert "| 0.8000 (1) |" in rows[1] and "| 2 | 0.7000 (2) |" in rows[2]
+    assert rows[-2].startswith("| b | 0.7100 | 2 |") and rows[-1].startswith("| a | 0.7000 | 1 |")
