@@ -6,16 +6,15 @@ This is the only module that imports wandb, and only when a run asks for it: wit
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import netrc
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
+
+from .interrupts import interrupts_deferred
 
 CSV_COLUMNS = (
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
@@ -183,26 +182,6 @@ class Tracker:
                 self.run.log({"curves": self.wandb.Image(str(curves))})
             self.run.finish(exit_code=exit_code)
             self.run = None
-
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Hold Ctrl-C and SIGTERM until the block ends, then raise KeyboardInterrupt. matplotlib
-    swallows a KeyboardInterrupt raised inside savefig now and then (measured: 4 of 40 SIGINTs
-    lost), which would silently cancel a user's Ctrl-C; outside the main thread: no change."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if received:
-            raise KeyboardInterrupt
 
 
 def _is_number(value: Any) -> bool:

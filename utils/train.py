@@ -3,8 +3,6 @@ AMP, checkpoints, early stopping, Ctrl-C and NaN handling."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointWriter, FitState
 from .ema import WeightEMA
 from .evaluation import evaluate
+from .interrupts import sigterm_as_interrupt
 from .runtime import Precision
 
 LOG_EVERY = 20  # steps between progress-bar refreshes; each refresh is one host-device sync
@@ -120,23 +119,6 @@ def _check_finite(window: list[torch.Tensor], epoch: int, last_step: int,
         local = (~finite).nonzero()
         first_bad = int(local[0, 0]) if len(local) else 0  # another rank's NaN: the window's first step
         raise NonFiniteLoss(epoch, last_step - len(window) + 1 + first_bad)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (wandb agent early-stopping, a cluster's time limit) saves like Ctrl-C does."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass

@@ -1,0 +1,45 @@
+"""Signals during a run: SIGTERM handled like Ctrl-C (so the run saves), and both held back
+while matplotlib draws (it can swallow a KeyboardInterrupt)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (wandb agent early-stopping, a cluster's time limit) saves like Ctrl-C does."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block ends, then raise KeyboardInterrupt. matplotlib
+    swallows a KeyboardInterrupt raised inside savefig now and then (measured: 4 of 40 SIGINTs
+    lost), which would silently cancel a user's Ctrl-C; outside the main thread: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            raise KeyboardInterrupt
