@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from data import AugmentSpec, build_eval_transform, build_train_transform, working_size
+from data import AugmentSpec, build_eval_transform, build_train_transform, eval_resize, working_size
 from models import ACTIVATION_NAMES, GLOBAL_POOLS, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
 from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
 from utils.cli import config_from_args as _config_from_args
@@ -22,6 +22,11 @@ from utils.errors import UsageError
 from utils.actions import ScriptSpec, open_run, pictures_maker
 from utils.run import ModelRecipe, train_and_test
 from utils.optim import split_decay
+
+
+# Chosen by val_accuracy on imagenette (docs/accuracy.md, "Evaluation crop"); checkpoints from
+# before the flag keep 0.875 (utils.config.LEGACY_VALUES).
+CROP_PCT = 0.95
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class ConfigA(TrainConfig):
     conv_dropout: float = 0.0  # channel dropout after each block
     dense_neurons: int = 256
     global_pool: str = "none"  # none: flatten the last map (the assignment's); avg: average each channel
+    crop_pct: float = CROP_PCT  # evaluation: the center crop keeps this share of the shorter side
     wandb_project: str = "inat12k-partA"
 
 
@@ -65,6 +71,10 @@ def get_args_parser() -> OneLineParser:
                        f"channel over it (default: {d.global_pool})")
     group.add_argument("--num_blocks", "--num-blocks", type=number(int, 1, 8), default=d.num_blocks,
                        help=f"conv-activation-maxpool blocks (default: {d.num_blocks})")
+    parser.add_argument_group("evaluation").add_argument(
+        "--crop_pct", "--crop-pct", type=number(float, 0.875, 1.0), default=d.crop_pct,
+        help="validation, test and --predict: resize the shorter side to image_size / crop_pct, then center "
+        f"crop image_size (0.875 = the classic 256/224, 1 = the whole shorter side) (default: {d.crop_pct})")
     add_train_args(parser, d)
     add_action_args(parser)
     return parser
@@ -137,7 +147,7 @@ def rebuild_from_checkpoint(checkpoint: dict):
     cfg = config_from_checkpoint(checkpoint)
     model = build_model(cfg, len(checkpoint["class_names"]))
     model.load_state_dict(inference_weights(checkpoint))
-    return cfg, model, build_eval_transform(cfg.image_size)
+    return cfg, model, build_eval_transform(cfg.image_size, eval_resize(cfg.image_size, cfg.crop_pct))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,8 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_model=lambda num_classes: build_model(cfg, num_classes),
         param_groups=lambda m: split_decay(m.named_parameters(), cfg.lr, cfg.weight_decay),
         train_transform=build_train_transform(cfg.image_size, cfg.data_aug and AugmentSpec.from_config(cfg)),
-        eval_transform=build_eval_transform(cfg.image_size),
-        resize_size=working_size(cfg.image_size),
+        eval_transform=build_eval_transform(cfg.image_size, eval_resize(cfg.image_size, cfg.crop_pct)),
+        resize_size=eval_resize(cfg.image_size, cfg.crop_pct),
+        train_resize_size=working_size(cfg.image_size),
     )
     return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,
                           lr_find_steps=args.lr_find_steps if args.lr_find else 0,

@@ -1,7 +1,7 @@
 """Data: folder scan, stratified split, decoding, transforms and the NatureData Dataset."""
 
 from .dataset import NatureData, collate_skipping_unreadable
-from .decode import load_rgb, working_size
+from .decode import eval_resize, load_rgb, working_size
 from .download import DEFAULT_URL, ensure_dataset
 from .errors import DatasetError
 from .folder import IMAGE_EXTENSIONS, resolve_folders, scan_split, stratified_split, stratified_subset
@@ -12,6 +12,7 @@ __all__ = [
     "collate_skipping_unreadable",
     "load_rgb",
     "working_size",
+    "eval_resize",
     "DEFAULT_URL",
     "ensure_dataset",
     "DatasetError",

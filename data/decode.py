@@ -31,6 +31,12 @@ def working_size(image_size: int) -> int:
     return int(math.ceil(image_size * 8 / 7))
 
 
+def eval_resize(image_size: int, crop_pct: float) -> int:
+    """Shorter side for evaluation so that the center crop of image_size keeps crop_pct of it
+    (timm's crop_pct): 0.875 gives working_size (224 -> 256), 1 the whole shorter side."""
+    return max(image_size, int(math.ceil(image_size / crop_pct - 1e-9)))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image

@@ -227,7 +227,8 @@ def test_train_fraction_run_uses_part_of_train(tiny_data, tmp_path, capsys):
 @pytest.mark.parametrize("flag,value", [("--crop_scale", "0"), ("--jitter", "1"), ("--erasing", "nan"),
                                         ("--auto_augment", "autoaugment"), ("--mixup_alpha", "-1"),
                                         ("--cutmix_alpha", "inf"), ("--ema_decay", "1"), ("--tta", "five_crop"),
-                                        ("--train_fraction", "0"), ("--global_pool", "max")])
+                                        ("--train_fraction", "0"), ("--global_pool", "max"),
+                                        ("--crop_pct", "0.5"), ("--crop_pct", "1.1")])
 def test_bad_recipe_values_are_one_line_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         trainA.main([flag, value, "--dry_run"])
@@ -246,9 +247,9 @@ def test_a_checkpoint_from_before_the_new_flags_keeps_its_own_augmentation_and_n
     from utils.config import config_from_dict
 
     old = {k: v for k, v in dataclasses.asdict(trainA.ConfigA()).items()
-           if k not in ("crop_scale", "jitter", "erasing", "tta", "auto_augment")}
+           if k not in ("crop_scale", "jitter", "erasing", "tta", "auto_augment", "crop_pct")}
     cfg = config_from_dict(trainA.ConfigA, old)
-    assert (cfg.crop_scale, cfg.jitter, cfg.erasing, cfg.tta) == (0.35, 0.2, 0.1, "none")
+    assert (cfg.crop_scale, cfg.jitter, cfg.erasing, cfg.tta, cfg.crop_pct) == (0.35, 0.2, 0.1, "none", 0.875)
     assert cfg.auto_augment == "none"
     saved_now = config_from_dict(trainA.ConfigA, dataclasses.asdict(trainA.ConfigA()))
     assert saved_now == trainA.ConfigA()  # a current checkpoint round-trips unchanged

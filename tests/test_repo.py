@@ -48,6 +48,23 @@ def test_flag_reference_lists_every_flag_with_its_parser_default(script):
             assert f"| `{_default(action)}` |" in row, (canonical, row)
 
 
+def test_readme_flag_tour_shows_trainA_defaults():
+    """The README's short table of flags writes values next to them; they are trainA's defaults
+    (a change of defaults once left that table behind)."""
+    from utils.flagdoc import _default
+
+    table = README.split("| what | flags (trainA defaults) |", 1)[1].split("\n\n", 1)[0]
+    actions = {o: a for a in __import__("trainA").get_args_parser()._actions for o in a.option_strings}
+    shown = re.findall(r"`(?:-[\w]+/)?(--\w+) ([^`(]+)`", table)
+    assert len(shown) > 30
+    for flag, value in shown:
+        default = _default(actions[flag])
+        try:
+            assert float(value) == float(default), (flag, value, default)
+        except ValueError:
+            assert value.strip() == default, (flag, value, default)
+
+
 def test_readme_is_short_and_links_every_doc_page():
     assert len(README.splitlines()) <= 200
     for page in sorted((ROOT / "docs").glob("*.md")):

@@ -79,12 +79,13 @@ def cached_loaders(run, train_set, val_set, test_set) -> tuple:
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     loaders = []
     for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)):
-        split = build_or_load(dataset.samples, dataset.decode_size or recipe.resize_size, recipe.resize_size,
-                              cfg.image_size, cache_dir, name)
+        train = dataset is train_set
+        size = (recipe.train_resize_size or recipe.resize_size) if train else recipe.resize_size
+        split = build_or_load(dataset.samples, max(dataset.decode_size or 0, size), size, cfg.image_size, cache_dir,
+                              name)
         skipped = int((~split.valid).sum())
         if skipped:
             run.say(f"{name}: {skipped} unreadable image(s) skipped (named above when the cache was built)")
-        train = dataset is train_set
         augment = BatchAugment(cfg.image_size, train and cfg.data_aug and recipe.augment, recipe.mean, recipe.std,
                                AugmentSpec.from_config(cfg), precision.channels_last)
         loaders.append(CachedBatches(split, cfg.batch_size, train, augment, precision.device, cfg.seed,

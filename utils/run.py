@@ -46,6 +46,7 @@ class ModelRecipe:
     train_transform: Callable
     eval_transform: Callable
     resize_size: int  # the eval transform's Resize (shorter side), the decoded cache's square side
+    train_resize_size: int | None = None  # the train split's cached square, when not resize_size
     augment: bool = True  # train-time augmentation (with --data_aug); off where features are cached
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
