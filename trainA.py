@@ -143,11 +143,16 @@ def config_from_checkpoint(checkpoint: dict) -> ConfigA:
     return normalise(config_from_dict(ConfigA, checkpoint["config"]))
 
 
+def eval_resize_of(cfg: ConfigA) -> int:
+    """The evaluation Resize (shorter side) of this config: its --crop_pct of --image_size."""
+    return eval_resize(cfg.image_size, cfg.crop_pct)
+
+
 def rebuild_from_checkpoint(checkpoint: dict):
     cfg = config_from_checkpoint(checkpoint)
     model = build_model(cfg, len(checkpoint["class_names"]))
     model.load_state_dict(inference_weights(checkpoint))
-    return cfg, model, build_eval_transform(cfg.image_size, eval_resize(cfg.image_size, cfg.crop_pct))
+    return cfg, model, build_eval_transform(cfg.image_size, eval_resize_of(cfg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_model=lambda num_classes: build_model(cfg, num_classes),
         param_groups=lambda m: split_decay(m.named_parameters(), cfg.lr, cfg.weight_decay),
         train_transform=build_train_transform(cfg.image_size, cfg.data_aug and AugmentSpec.from_config(cfg)),
-        eval_transform=build_eval_transform(cfg.image_size, eval_resize(cfg.image_size, cfg.crop_pct)),
-        resize_size=eval_resize(cfg.image_size, cfg.crop_pct),
+        eval_transform=build_eval_transform(cfg.image_size, eval_resize_of(cfg)),
+        resize_size=eval_resize_of(cfg),
         train_resize_size=working_size(cfg.image_size),
     )
     return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,

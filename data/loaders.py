@@ -85,6 +85,16 @@ def in_order(loader):
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
 
 
+def index_on(device: torch.device, positions) -> torch.Tensor:
+    """Batch positions as a long index on device. To a GPU they travel from pinned memory without
+    blocking: copying a pageable tensor waits for the GPU (count_syncs.py on an H200 counted two
+    such waits per step when the cached path's batches were gathered that way)."""
+    index = torch.as_tensor(positions, dtype=torch.long)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 def copy_to_device(split: DecodedSplit, indices: torch.Tensor, device: torch.device,
                    chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """The split's images at indices (sorted) as one uint8 (N, 3, S, S) tensor on device, copied
@@ -143,12 +153,9 @@ class CachedBatches:
         return (torch.tensor(sorted(positions), dtype=torch.long) for positions in self.sampler)
 
     def _device_batches(self):
-        """Gather from the pixels already on the device. The positions travel once per batch,
-        from pinned memory without blocking: a plain .to() of a pageable tensor waits for the
-        GPU (count_syncs.py on an H200 counted two such waits per step before this)."""
-        pin = self.device.type == "cuda"
+        """Gather from the pixels already on the device, the positions sent once per batch."""
         for positions in self._batches():
-            index = positions.pin_memory().to(self.device, non_blocking=True) if pin else positions.to(self.device)
+            index = index_on(self.device, positions)
             yield self.images[index], self.labels[index]
 
     def _host_batches(self):
@@ -211,5 +218,5 @@ class FeatureBatches:
 
     def __iter__(self):
         for positions in self.sampler:
-            index = torch.tensor(positions, device=self.labels.device)
+            index = index_on(self.labels.device, positions)
             yield self.features[index], self.labels[index]
