@@ -40,6 +40,7 @@ class ConfigA(TrainConfig):
     dropout: float = 0.2  # before the output layer
     conv_dropout: float = 0.0  # channel dropout after each block
     dense_neurons: int = 256
+    convs_per_block: int = 1  # the assignment's one conv per block; 2+ = VGG-style deeper blocks
     global_pool: str = "none"  # none: flatten the last map (the assignment's); avg: average each channel
     crop_pct: float = CROP_PCT  # evaluation: the center crop keeps this share of the shorter side
     wandb_project: str = "inat12k-partA"
@@ -71,6 +72,9 @@ def get_args_parser() -> OneLineParser:
                        f"channel over it (default: {d.global_pool})")
     group.add_argument("--num_blocks", "--num-blocks", type=number(int, 1, 8), default=d.num_blocks,
                        help=f"conv-activation-maxpool blocks (default: {d.num_blocks})")
+    group.add_argument("--convs_per_block", "--convs-per-block", type=number(int, 1, 4), default=d.convs_per_block,
+                       help="conv -> [BN] -> activation layers before each max-pool; 1 = the assignment's network, "
+                       f"2 = VGG-style, about 3x the compute (default: {d.convs_per_block})")
     parser.add_argument_group("evaluation").add_argument(
         "--crop_pct", "--crop-pct", type=number(float, 0.875, 1.0), default=d.crop_pct,
         help="validation, test and --predict: resize the shorter side to image_size / crop_pct, then center "
@@ -106,6 +110,7 @@ def build_model(cfg: ConfigA, num_classes: int = 10):
         filter_org=cfg.filter_org, filter_size=cfg.filter_size, activation=cfg.activation,
         batch_norm=cfg.batch_norm, dropout=cfg.dropout, conv_dropout=cfg.conv_dropout,
         dense_neurons=cfg.dense_neurons, num_blocks=cfg.num_blocks, global_pool=cfg.global_pool,
+        convs_per_block=cfg.convs_per_block,
     )
 
 
@@ -135,6 +140,8 @@ def run_name(cfg: ConfigA) -> str:
     else:
         filters = "nf" + ",".join(map(str, cfg.num_filters))
     sizes = cfg.filter_size if isinstance(cfg.filter_size, int) else ",".join(map(str, cfg.filter_size))
+    if cfg.convs_per_block > 1:
+        sizes = f"{sizes}x{cfg.convs_per_block}"
     return (f"{cfg.activation}-{filters}-fs{sizes}-{'bn' if cfg.batch_norm else 'nobn'}-d{cfg.dropout:g}-"
             f"{'aug' if cfg.data_aug else 'noaug'}-lr{cfg.lr:g}")
 

@@ -1,5 +1,5 @@
-"""The part A network: blocks of conv -> [BN] -> activation -> max-pool -> [dropout], then a
-dense layer and the N-way output."""
+"""The part A network: blocks of conv -> [BN] -> activation (once, as the assignment has it, or
+more times with convs_per_block) -> max-pool -> [dropout], then a dense layer and the N-way output."""
 
 from __future__ import annotations
 
@@ -90,9 +90,20 @@ def min_image_size(num_blocks: int) -> int:
     return 2**num_blocks
 
 
+def _same_padding(kernel_size: int) -> tuple[nn.Module, int]:
+    """A size-preserving padding for any kernel: the conv's own for odd kernels, an explicit
+    one-sided pad for even ones (this avoids the extra copy and warning of padding="same")."""
+    left = (kernel_size - 1) // 2
+    right = kernel_size - 1 - left
+    if left == right:
+        return nn.Identity(), left
+    return nn.ZeroPad2d((left, right, left, right)), 0
+
+
 class ConvActPool(nn.Module):
-    """conv (size-preserving padding, odd or even kernel) -> [BN] -> activation -> 2x2 max-pool
-    -> [dropout]."""
+    """conv (size-preserving padding, odd or even kernel) -> [BN] -> activation, `convs` times,
+    -> 2x2 max-pool -> [dropout]. The first conv changes the channel count; further ones
+    (`--convs_per_block`, VGG-style) keep it."""
 
     def __init__(
         self,
@@ -102,24 +113,31 @@ class ConvActPool(nn.Module):
         activation: str = "ReLU",
         batch_norm: bool = False,
         dropout: float = 0.0,
+        convs: int = 1,
     ):
         super().__init__()
-        # Even kernels need one more pixel of padding on one side to keep the size; padding it
-        # ourselves avoids the extra copy (and warning) of padding="same" for even kernels.
-        left = (kernel_size - 1) // 2
-        right = kernel_size - 1 - left
-        self.pad = nn.ZeroPad2d((left, right, left, right)) if left != right else nn.Identity()
+        if convs < 1:
+            raise ModelConfigError(f"convs_per_block={convs} must be >= 1")
+        self.pad, padding = _same_padding(kernel_size)
         # With BN right after, a conv bias is redundant (BN's shift absorbs it).
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=left if left == right else 0, bias=not batch_norm
-        )
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=not batch_norm)
         self.norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
         self.act = make_activation(activation)
+        # An Identity for one conv: the parameter names of one-conv blocks stay as they always were.
+        if convs > 1:
+            layers = []
+            for _ in range(convs - 1):
+                pad, padding = _same_padding(kernel_size)
+                layers += [pad, nn.Conv2d(out_channels, out_channels, kernel_size, padding=padding, bias=not batch_norm),
+                           nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity(), make_activation(activation)]
+            self.more = nn.Sequential(*(layer for layer in layers if not isinstance(layer, nn.Identity)))
+        else:
+            self.more = nn.Identity()
         self.pool = nn.MaxPool2d(2)
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.pool(self.act(self.norm(self.conv(self.pad(x))))))
+        return self.drop(self.pool(self.more(self.act(self.norm(self.conv(self.pad(x)))))))
 
 
 class SmallCNN(nn.Module):
@@ -146,6 +164,7 @@ def build_cnn(
     num_blocks: int = 5,
     in_channels: int = 3,
     global_pool: str = "none",
+    convs_per_block: int = 1,
 ) -> SmallCNN:
     """Build the part A CNN from plain arguments.
 
@@ -173,7 +192,7 @@ def build_cnn(
         raise ModelConfigError(f"filter_size {sizes} must all be >= 1")
     blocks, channels = [], in_channels
     for out_channels, kernel in zip(counts, sizes):
-        blocks.append(ConvActPool(channels, out_channels, kernel, activation, batch_norm, conv_dropout))
+        blocks.append(ConvActPool(channels, out_channels, kernel, activation, batch_norm, conv_dropout, convs_per_block))
         channels = out_channels
     features = nn.Sequential(*blocks)
     if global_pool not in GLOBAL_POOLS:

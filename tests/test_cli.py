@@ -117,4 +117,5 @@ def test_run_name_holds_the_swept_hyperparameters():
     assert trainA.run_name(cfg) == "GELU-nf64-double-fs5,5,3,3,3-bn-d0.3-aug-lr0.001"
     cfg = parse("-nf", "8,16,16,32,32", "-fs", "3", "-bn", "false", "-d", "0", "-da", "false")
     assert trainA.run_name(cfg) == "SiLU-nf8,16,16,32,32-fs3-nobn-d0-noaug-lr0.002"
+    assert trainA.run_name(parse("--convs_per_block", "2")) == "SiLU-nf32-double-fs3x2-bn-d0.2-aug-lr0.002"
     assert trainA.run_name(parse("--run_name", "mine")) == "mine"

@@ -73,3 +73,30 @@ def test_dense_layer_size_follows_image_size():
     for size, spatial in ((32, 1), (100, 3), (224, 7)):
         model = build_cnn(10, size, num_filters=[2, 2, 2, 2, 3], dense_neurons=5)
         assert model.classifier[1].in_features == 3 * spatial * spatial
+
+
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_deeper_blocks_add_same_width_convs_and_keep_the_map_size(kernel):
+    model = build_cnn(10, 64, num_filters=4, filter_size=kernel, batch_norm=True, dense_neurons=8, convs_per_block=3)
+    block = model.features[1]  # 4 -> 8 channels, then two 8 -> 8 convs, each with BN and activation
+    convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(4, 8), (8, 8), (8, 8)]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in block.modules()) == 3
+    assert sum(isinstance(m, torch.nn.SiLU) for m in block.modules()) == 0  # ReLU is the builder's default
+    assert sum(isinstance(m, torch.nn.ReLU) for m in block.modules()) == 3
+    x = torch.randn(2, 4, 32, 32)
+    assert block(x).shape == (2, 8, 16, 16)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    # Parameters: the one-conv network plus two kernel x kernel x 8 x 8 convs and their BN per block, scaled.
+    one = build_cnn(10, 64, num_filters=4, filter_size=kernel, batch_norm=True, dense_neurons=8)
+    extra = sum(2 * (c * c * kernel * kernel + 2 * c) for c in (4, 8, 16, 32, 64))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in one.parameters()) + extra
+
+
+def test_one_conv_per_block_keeps_the_parameter_names_of_old_checkpoints():
+    names = list(build_cnn(10, 32, num_filters=2, dense_neurons=4, batch_norm=True).state_dict())
+    assert names[:5] == ["features.0.conv.weight", "features.0.norm.weight", "features.0.norm.bias",
+                         "features.0.norm.running_mean", "features.0.norm.running_var"]
+    assert not any(".more." in name for name in names)
+    with pytest.raises(ModelConfigError, match="convs_per_block=0 must be >= 1"):
+        build_cnn(10, 32, convs_per_block=0)

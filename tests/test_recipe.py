@@ -218,6 +218,19 @@ def test_every_tool_on_resumes_exactly_and_tests_with_the_average(tiny_data, tmp
     assert trainA.main(["--predict", str(tiny_data / "val" / "fungi"), "--checkpoint", str(full_dir / "last.pt")]) == 0
 
 
+def test_deeper_blocks_train_and_their_checkpoint_rebuilds_the_same_network(tiny_data, tmp_path, capsys):
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", *TINY_ARGS, "--convs_per_block", "2",
+                        "--output_dir", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out
+    assert "features.0.more.0" in printed  # the model table lists the second conv of block 1
+    run_dir = only_dir(tmp_path / "r")
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["config"]["convs_per_block"] == 2 and "features.4.more.0.weight" in best["model"]
+    accuracy = [line for line in printed.splitlines() if "test_accuracy" in line][0].split("test_accuracy ")[1][:6]
+    assert trainA.main(["--test_only", "--checkpoint", str(run_dir / "best.pt"), "--num_workers", "0"]) == 0
+    assert f"test_accuracy {accuracy}" in capsys.readouterr().out
+
+
 def test_train_fraction_run_uses_part_of_train(tiny_data, tmp_path, capsys):
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", *TINY_ARGS, "--train_fraction", "0.5",
                         "--output_dir", str(tmp_path / "r")]) == 0
@@ -228,6 +241,7 @@ def test_train_fraction_run_uses_part_of_train(tiny_data, tmp_path, capsys):
                                         ("--auto_augment", "autoaugment"), ("--mixup_alpha", "-1"),
                                         ("--cutmix_alpha", "inf"), ("--ema_decay", "1"), ("--tta", "five_crop"),
                                         ("--train_fraction", "0"), ("--global_pool", "max"),
+                                        ("--convs_per_block", "0"), ("--convs_per_block", "1.5"),
                                         ("--crop_pct", "0.5"), ("--crop_pct", "1.1")])
 def test_bad_recipe_values_are_one_line_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
