@@ -172,13 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
+    resize = eval_resize_of(cfg)
     recipe = ModelRecipe(
         script="trainA",
         build_model=lambda num_classes: build_model(cfg, num_classes),
         param_groups=lambda m: split_decay(m.named_parameters(), cfg.lr, cfg.weight_decay),
         train_transform=build_train_transform(cfg.image_size, cfg.data_aug and AugmentSpec.from_config(cfg)),
-        eval_transform=build_eval_transform(cfg.image_size, eval_resize_of(cfg)),
-        resize_size=eval_resize_of(cfg),
+        eval_transform=build_eval_transform(cfg.image_size, resize),
+        resize_size=resize,
         train_resize_size=working_size(cfg.image_size),
     )
     return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,

@@ -90,14 +90,19 @@ def min_image_size(num_blocks: int) -> int:
     return 2**num_blocks
 
 
-def _same_padding(kernel_size: int) -> tuple[nn.Module, int]:
-    """A size-preserving padding for any kernel: the conv's own for odd kernels, an explicit
-    one-sided pad for even ones (this avoids the extra copy and warning of padding="same")."""
+def _conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, activation: str,
+                   batch_norm: bool) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """(pad, conv, norm, activation) keeping the map size for any kernel: odd kernels pad in the
+    conv; even ones need one more pixel on one side, padded explicitly (this avoids the extra copy
+    and warning of padding="same"). Identity stands in for a pad or norm that is not needed."""
     left = (kernel_size - 1) // 2
     right = kernel_size - 1 - left
-    if left == right:
-        return nn.Identity(), left
-    return nn.ZeroPad2d((left, right, left, right)), 0
+    pad = nn.ZeroPad2d((left, right, left, right)) if left != right else nn.Identity()
+    # With BN right after, a conv bias is redundant (BN's shift absorbs it).
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=left if left == right else 0,
+                     bias=not batch_norm)
+    norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
+    return pad, conv, norm, make_activation(activation)
 
 
 class ConvActPool(nn.Module):
@@ -118,21 +123,14 @@ class ConvActPool(nn.Module):
         super().__init__()
         if convs < 1:
             raise ModelConfigError(f"convs_per_block={convs} must be >= 1")
-        self.pad, padding = _same_padding(kernel_size)
-        # With BN right after, a conv bias is redundant (BN's shift absorbs it).
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=not batch_norm)
-        self.norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
-        self.act = make_activation(activation)
-        # An Identity for one conv: the parameter names of one-conv blocks stay as they always were.
-        if convs > 1:
-            layers = []
-            for _ in range(convs - 1):
-                pad, padding = _same_padding(kernel_size)
-                layers += [pad, nn.Conv2d(out_channels, out_channels, kernel_size, padding=padding, bias=not batch_norm),
-                           nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity(), make_activation(activation)]
-            self.more = nn.Sequential(*(layer for layer in layers if not isinstance(layer, nn.Identity)))
-        else:
-            self.more = nn.Identity()
+        self.pad, self.conv, self.norm, self.act = _conv_norm_act(in_channels, out_channels, kernel_size,
+                                                                  activation, batch_norm)
+        # Further convs keep the width. An Identity for one conv: the parameter names of one-conv
+        # blocks stay as they always were.
+        more = [layer for _ in range(convs - 1)
+                for layer in _conv_norm_act(out_channels, out_channels, kernel_size, activation, batch_norm)
+                if not isinstance(layer, nn.Identity)]
+        self.more = nn.Sequential(*more) if more else nn.Identity()
         self.pool = nn.MaxPool2d(2)
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
