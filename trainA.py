@@ -74,7 +74,7 @@ def get_args_parser() -> OneLineParser:
                        help=f"conv-activation-maxpool blocks (default: {d.num_blocks})")
     group.add_argument("--convs_per_block", "--convs-per-block", type=number(int, 1, 4), default=d.convs_per_block,
                        help="conv -> [BN] -> activation layers before each max-pool; 1 = the assignment's network, "
-                       f"2 = VGG-style, about 3x the compute (default: {d.convs_per_block})")
+                       f"2 = VGG-style, about 3.4x the multiply-adds (default: {d.convs_per_block})")
     parser.add_argument_group("evaluation").add_argument(
         "--crop_pct", "--crop-pct", type=number(float, 0.875, 1.0), default=d.crop_pct,
         help="validation, test and --predict: resize the shorter side to image_size / crop_pct, then center "
