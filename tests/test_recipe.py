@@ -270,7 +270,7 @@ def test_a_checkpoint_from_before_the_new_flags_keeps_its_own_augmentation_and_n
 
 
 def test_every_screened_recipe_parses_and_the_table_ranks_by_val(tmp_path):
-    """benchmarks/recipes_128.txt (the GPU screen of docs/accuracy.md) holds only valid flags, and
+    """benchmarks/recipes_*.txt (the GPU screens of docs/accuracy.md) hold only valid flags, and
     the screen's table puts runs and recipes in order of best val_accuracy, a cut-off run included."""
     import shlex
     import sys
@@ -280,10 +280,13 @@ def test_every_screened_recipe_parses_and_the_table_ranks_by_val(tmp_path):
     sys.path.insert(0, str(root / "benchmarks"))
     import screen_recipes
 
-    recipes = screen_recipes.read_recipes(root / "benchmarks" / "recipes_128.txt")
-    assert ("defaults", "") in recipes and len(recipes) > 5
-    for _, flags in recipes:
-        trainA.config_from_args(trainA.SPEC.parse_args(["-is", "128", "-e", "30", *shlex.split(flags)]))
+    files = sorted((root / "benchmarks").glob("recipes_*.txt"))
+    assert [f.name for f in files] == ["recipes_128.txt", "recipes_next_128.txt"]
+    for path in files:
+        recipes = screen_recipes.read_recipes(path)
+        assert ("defaults", "") in recipes and len(recipes) >= 5, path.name
+        for _, flags in recipes:
+            trainA.config_from_args(trainA.SPEC.parse_args(["-is", "128", "-e", "30", *shlex.split(flags)]))
     runs = []
     for name, seed, vals in [("a", 0, [0.5, 0.7]), ("b", 0, [0.8]), ("b", 1, [0.62]), ("c", 0, [])]:
         run_dir = tmp_path / f"{name}{seed}"
