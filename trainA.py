@@ -41,7 +41,7 @@ class ConfigA(TrainConfig):
     conv_dropout: float = 0.0  # channel dropout after each block
     dense_neurons: int = 256
     convs_per_block: int = 1  # the assignment's one conv per block; 2+ = VGG-style deeper blocks
-    global_pool: str = "none"  # none: flatten the last map (the assignment's); avg: average each channel
+    global_pool: str = "avg"  # avg: average each channel over the last map; none: flatten it (the assignment's)
     crop_pct: float = CROP_PCT  # evaluation: the center crop keeps this share of the shorter side
     wandb_project: str = "inat12k-partA"
 
@@ -68,8 +68,8 @@ def get_args_parser() -> OneLineParser:
     group.add_argument("-dn", "--dense_neurons", "--dense-neurons", type=number(int, 1, 65536), default=d.dense_neurons,
                        help=f"width of the dense layer (default: {d.dense_neurons})")
     group.add_argument("--global_pool", "--global-pool", type=choice(*GLOBAL_POOLS), default=d.global_pool,
-                       help="before the dense layer: none = flatten the last feature map, avg = average each "
-                       f"channel over it (default: {d.global_pool})")
+                       help="before the dense layer: avg = average each channel over the last feature map, none = "
+                       f"flatten it (the assignment's network) (default: {d.global_pool})")
     group.add_argument("--num_blocks", "--num-blocks", type=number(int, 1, 8), default=d.num_blocks,
                        help=f"conv-activation-maxpool blocks (default: {d.num_blocks})")
     group.add_argument("--convs_per_block", "--convs-per-block", type=number(int, 1, 4), default=d.convs_per_block,

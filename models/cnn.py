@@ -23,8 +23,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 ACTIVATION_NAMES = ("ReLU", "GELU", "SiLU", "Mish", "LeakyReLU", "ELU", "SELU", "Tanh")
 
-FILTER_ORGS = ("same", "double", "half")
-GLOBAL_POOLS = ("none", "avg")  # or a float growth factor per block
+FILTER_ORGS = ("same", "double", "half")  # or a float growth factor per block
+GLOBAL_POOLS = ("none", "avg")
 
 
 def canonical_activation(name: str) -> str:

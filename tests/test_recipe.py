@@ -269,6 +269,20 @@ def test_a_checkpoint_from_before_the_new_flags_keeps_its_own_augmentation_and_n
     assert saved_now == trainA.ConfigA()  # a current checkpoint round-trips unchanged
 
 
+def test_a_checkpoint_from_before_global_pool_avg_became_the_default_still_loads_flattened():
+    """Checkpoints written before --global_pool existed flatten the last map (their dense layer
+    is as wide as that map); rebuilding them under today's default (avg) must not change that."""
+    old_cfg = dataclasses.replace(trainA.ConfigA(), global_pool="none", image_size=64)
+    model = trainA.build_model(old_cfg, 3)
+    saved = {k: v for k, v in dataclasses.asdict(old_cfg).items() if k != "global_pool"}
+    checkpoint = {"config": saved, "class_names": ["a", "b", "c"], "model": model.state_dict()}
+    cfg, rebuilt, _ = trainA.rebuild_from_checkpoint(checkpoint)  # strict load: shapes must match
+    assert cfg.global_pool == "none" and trainA.ConfigA().global_pool == "avg"
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), rebuilt.eval()
+    assert torch.equal(model(x), rebuilt(x))
+
+
 def test_every_screened_recipe_parses_and_the_table_ranks_by_val(tmp_path):
     """benchmarks/recipes_*.txt (the GPU screens of docs/accuracy.md) hold only valid flags, and
     the screen's table puts runs and recipes in order of best val_accuracy, a cut-off run included."""
