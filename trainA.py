@@ -12,8 +12,9 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from data import AugmentSpec, build_eval_transform, build_train_transform, eval_resize, working_size
-from models import ACTIVATION_NAMES, GLOBAL_POOLS, build_cnn, canonical_activation, filter_counts, min_image_size, summarize
+from data import AugmentSpec, build_eval_transform, build_train_transform, eval_resize, sample_images, working_size
+from models import (ACTIVATION_NAMES, GLOBAL_POOLS, WHITEN_MODES, build_cnn, canonical_activation, filter_counts,
+                    first_conv, min_image_size, summarize, whiten_first_conv_)
 from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
@@ -27,6 +28,9 @@ from utils.optim import split_decay
 # Chosen by val_accuracy on imagenette (docs/accuracy.md, "Evaluation crop"); checkpoints from
 # before the flag keep 0.875 (utils.config.LEGACY_VALUES).
 CROP_PCT = 0.95
+# Train images whose patches --whiten's filters are computed from (a 27 x 27 covariance for 3x3
+# kernels: 256 images at 64 px already give a million patches).
+WHITEN_IMAGES = 256
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ConfigA(TrainConfig):
     dense_neurons: int = 256
     convs_per_block: int = 1  # the assignment's one conv per block; 2+ = VGG-style deeper blocks
     global_pool: str = "avg"  # avg: average each channel over the last map; none: flatten it (the assignment's)
+    whiten: str = "frozen"  # first conv: off (random init), init (whitening filters, trained), frozen (kept)
     crop_pct: float = CROP_PCT  # evaluation: the center crop keeps this share of the shorter side
     wandb_project: str = "inat12k-partA"
 
@@ -75,6 +80,11 @@ def get_args_parser() -> OneLineParser:
     group.add_argument("--convs_per_block", "--convs-per-block", type=number(int, 1, 4), default=d.convs_per_block,
                        help="conv -> [BN] -> activation layers before each max-pool; 1 = the assignment's network, "
                        f"2 = VGG-style, about 3.4x the multiply-adds (default: {d.convs_per_block})")
+    group.add_argument("--whiten", type=choice(*WHITEN_MODES), default=d.whiten,
+                       help=f"first conv: init = set its filters to the principal directions of the patches of "
+                       f"{WHITEN_IMAGES} train images, both signs, scaled to unit variance (patch whitening), then "
+                       "train them; frozen = the same, kept fixed; off = PyTorch's random init "
+                       f"(default: {d.whiten})")
     parser.add_argument_group("evaluation").add_argument(
         "--crop_pct", "--crop-pct", type=number(float, 0.875, 1.0), default=d.crop_pct,
         help="validation, test and --predict: resize the shorter side to image_size / crop_pct, then center "
@@ -105,13 +115,26 @@ def normalise(cfg: ConfigA) -> ConfigA:
 
 
 def build_model(cfg: ConfigA, num_classes: int = 10):
-    return build_cnn(
+    model = build_cnn(
         num_classes=num_classes, image_size=cfg.image_size, num_filters=cfg.num_filters,
         filter_org=cfg.filter_org, filter_size=cfg.filter_size, activation=cfg.activation,
         batch_norm=cfg.batch_norm, dropout=cfg.dropout, conv_dropout=cfg.conv_dropout,
         dense_neurons=cfg.dense_neurons, num_blocks=cfg.num_blocks, global_pool=cfg.global_pool,
         convs_per_block=cfg.convs_per_block,
     )
+    if cfg.whiten == "frozen":
+        first_conv(model).requires_grad_(False)
+    return model
+
+
+def whiten_from_data(cfg: ConfigA, eval_transform):
+    """--whiten init|frozen: the first conv from the patches of train-split images (eval transform,
+    drawn by --seed)."""
+    def init(model, data) -> str:
+        images = sample_images(data.train_set, WHITEN_IMAGES, eval_transform, cfg.seed)
+        count = whiten_first_conv_(model, images)
+        return f"whiten: first conv's {count} filters from the patches of {len(images)} train images ({cfg.whiten})"
+    return init
 
 
 def check_config(cfg: ConfigA) -> None:
@@ -173,14 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     resize = eval_resize_of(cfg)
+    eval_transform = build_eval_transform(cfg.image_size, resize)
     recipe = ModelRecipe(
         script="trainA",
         build_model=lambda num_classes: build_model(cfg, num_classes),
-        param_groups=lambda m: split_decay(m.named_parameters(), cfg.lr, cfg.weight_decay),
+        param_groups=lambda m: split_decay(((n, p) for n, p in m.named_parameters() if p.requires_grad), cfg.lr,
+                                           cfg.weight_decay),
         train_transform=build_train_transform(cfg.image_size, cfg.data_aug and AugmentSpec.from_config(cfg)),
-        eval_transform=build_eval_transform(cfg.image_size, resize),
+        eval_transform=eval_transform,
         resize_size=resize,
         train_resize_size=working_size(cfg.image_size),
+        init_from_data=whiten_from_data(cfg, eval_transform) if cfg.whiten != "off" else None,
     )
     return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,
                           lr_find_steps=args.lr_find_steps if args.lr_find else 0,

@@ -1,6 +1,6 @@
 """Data: folder scan, stratified split, decoding, transforms and the NatureData Dataset."""
 
-from .dataset import NatureData, collate_skipping_unreadable
+from .dataset import NatureData, collate_skipping_unreadable, sample_images
 from .decode import eval_resize, load_rgb, working_size
 from .download import DEFAULT_URL, ensure_dataset
 from .errors import DatasetError
@@ -10,6 +10,7 @@ from .transforms import AUTO_AUGMENTS, IMAGENET_MEAN, IMAGENET_STD, AugmentSpec,
 __all__ = [
     "NatureData",
     "collate_skipping_unreadable",
+    "sample_images",
     "load_rgb",
     "working_size",
     "eval_resize",

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .decode import UNREADABLE, load_rgb, working_size
+from .errors import DatasetError
 from .folder import Sample, resolve_folders, scan_split, stratified_split, stratified_subset
 
 Split = Literal["train", "val", "test"]
@@ -81,3 +82,22 @@ def collate_skipping_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor
     if not batch:
         return None
     return default_collate(batch)
+
+
+def sample_images(dataset: NatureData, count: int, transform: Callable, seed: int) -> torch.Tensor:
+    """Up to count images of dataset, drawn without replacement by seed (not the global RNG, so
+    the training run's own random stream is untouched) and passed through transform, stacked.
+    Unreadable files are left out here; the loaders report them."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    images = []
+    for index in order:
+        if len(images) == count:
+            break
+        try:
+            images.append(transform(dataset.load(index)))
+        except UNREADABLE:
+            continue
+    if not images:
+        raise DatasetError(f"no readable image among the {len(dataset)} of the {dataset.split} split in "
+                           f"'{dataset.root}'; check the files")
+    return torch.stack(images)

@@ -13,6 +13,7 @@ from .cnn import (
 )
 from .errors import ModelConfigError
 from .summary import ModelSummary, summarize
+from .whiten import WHITEN_MODES, first_conv, whiten_first_conv_
 
 __all__ = [
     "ACTIVATION_NAMES",
@@ -27,4 +28,7 @@ __all__ = [
     "ModelConfigError",
     "ModelSummary",
     "summarize",
+    "WHITEN_MODES",
+    "first_conv",
+    "whiten_first_conv_",
 ]

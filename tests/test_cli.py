@@ -58,6 +58,14 @@ def test_dashed_aliases_and_choices_any_case():
     assert parse("-fo", "const").filter_org == "same"
 
 
+def test_an_off_choice_also_takes_false_as_yaml_turns_a_bare_off_into():
+    """A sweep file's `values: [frozen, init, off]` reaches the script as --whiten=False."""
+    assert parse("--whiten=False").whiten == "off" and parse("--cache", "false").cache == "off"
+    assert parse("--amp=False").amp == "off"
+    with pytest.raises(SystemExit):
+        parse("--global_pool=False")  # no "off" among its choices: still an error
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["-a", "swish"], "-a/--activation: 'swish' is not one of ReLU"),
     (["-bn", "maybe"], "'maybe' is not a boolean"),

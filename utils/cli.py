@@ -84,8 +84,12 @@ def filter_org(text: str) -> str | float:
 
 
 def choice(*choices: str) -> Callable[[str], str]:
-    """Case-insensitive choice that returns the canonical spelling and lists the valid ones."""
+    """Case-insensitive choice that returns the canonical spelling and lists the valid ones. A
+    choice named "off" also takes "false": YAML 1.1 reads an unquoted off as a boolean, so a
+    sweep file's `values: [off, ...]` reaches the script as --flag=False."""
     lookup = {c.lower(): c for c in choices}
+    if "off" in lookup:
+        lookup.setdefault("false", lookup["off"])
 
     def parse(text: str) -> str:
         key = str(text).strip().lower()

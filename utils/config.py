@@ -70,7 +70,7 @@ class TrainConfig:
 # What a checkpoint written before these flags existed was trained and evaluated with: its
 # --test_only, --predict and --resume keep doing exactly that, not today's defaults.
 LEGACY_VALUES = {"crop_scale": 0.35, "jitter": 0.2, "erasing": 0.1, "tta": "none", "crop_pct": 0.875,
-                 "global_pool": "none"}
+                 "global_pool": "none", "whiten": "off"}
 
 
 def config_from_dict(config_cls, values: dict):
