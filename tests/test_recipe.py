@@ -21,7 +21,8 @@ from utils.evaluation import evaluate, predict_logits
 from utils.train import train_one_epoch
 
 TOOLS = ["--ema_decay", "0.9", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--auto_augment", "trivialwide",
-         "--tta", "flip", "--global_pool", "avg", "--crop_scale", "0.5", "--jitter", "0.1", "--erasing", "0.3"]
+         "--tta", "flip", "--global_pool", "avg", "--crop_scale", "0.5", "--jitter", "0.1", "--erasing", "0.3",
+         "--whiten", "frozen"]
 
 
 def read_metrics(run_dir):

@@ -1,5 +1,6 @@
-"""The run's life, shared by both scripts: data -> model -> run directory -> training set-up ->
-fit() -> test of best.pt -> pictures. A script contributes only a ModelRecipe.
+"""The run's life, shared by both scripts: data -> model (set from the data where the recipe asks,
+trainA's --whiten) -> run directory -> training set-up -> fit() -> test of best.pt -> pictures.
+A script contributes only a ModelRecipe.
 
 Under torchrun every rank runs this; rank 0 alone prints, logs and writes files.
 """
