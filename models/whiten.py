@@ -21,8 +21,9 @@ WHITEN_EPS = 5e-4  # added to each eigenvalue: keeps the noise directions from b
 
 
 def patch_statistics(images: torch.Tensor, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean (C*k*k) and covariance (C*k*k x C*k*k) of every k x k patch (no padding) of images (N, C, H, W),
-    accumulated image by image in float64 so large images need no patch matrix in memory."""
+    """The mean (C*k*k) and covariance (C*k*k x C*k*k) of every k x k patch (no padding) of
+    images (N, C, H, W), accumulated image by image in float64, so that large images need no
+    patch matrix in memory."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ModelConfigError(f"whitening needs a batch of images (N, C, H, W), got shape {tuple(images.shape)}")
     dim = images.shape[1] * kernel_size * kernel_size
@@ -45,8 +46,9 @@ def whitening_filters(images: torch.Tensor, kernel_size: int, out_channels: int,
     biases (n) that centre their outputs (-filter . mean patch)."""
     mean, cov = patch_statistics(images, kernel_size)
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
-    order = eigenvalues.flip(0).clamp(min=0), eigenvectors.flip(1)
-    scaled = (order[1] / torch.sqrt(order[0] + eps)).T  # (dim, dim): one direction per row
+    variances = eigenvalues.flip(0).clamp(min=0)
+    directions = eigenvectors.flip(1).T  # one per row, largest variance first
+    scaled = directions / torch.sqrt(variances + eps)[:, None]
     pairs = torch.stack([scaled, -scaled], 1).reshape(-1, scaled.shape[1])  # +v1, -v1, +v2, -v2, ...
     pairs = pairs[: min(out_channels, pairs.shape[0])]
     return pairs.reshape(-1, images.shape[1], kernel_size, kernel_size).float(), (-pairs @ mean).float()
