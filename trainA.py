@@ -130,7 +130,7 @@ def build_model(cfg: ConfigA, num_classes: int = 10):
 def whiten_from_data(cfg: ConfigA, eval_transform):
     """--whiten init|frozen: the first conv from the patches of train-split images (eval transform,
     drawn by --seed)."""
-    def init(model, data) -> str:
+    def init(model, data, precision) -> str:
         images = sample_images(data.train_set, WHITEN_IMAGES, eval_transform, cfg.seed)
         count = whiten_first_conv_(model, images)
         return f"whiten: first conv's {count} filters from the patches of {len(images)} train images ({cfg.whiten})"

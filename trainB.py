@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Part B: fine-tune an ImageNet-pretrained torchvision model (ResNet50 by default) on
-iNaturalist-12K by replacing its head with an N-way one, with a choice of freezing strategies.
+"""Part B: fine-tune an ImageNet-pretrained torchvision or timm model (torchvision's ResNet50 by
+default) on iNaturalist-12K by replacing its head with an N-way one, with a choice of freezing
+strategies.
 
     python trainB.py --strategy freeze_all                        # only the new head trains
     python trainB.py --strategy freeze_upto --freeze_upto layer2  # conv1..layer2 frozen
     python trainB.py --strategy gradual --head_epochs 2           # head first, then everything
+    python trainB.py --arch tf_efficientnet_lite0 --weights lite0.pth   # a timm model, weights from a file
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from typing import Sequence
 
 import torch
 
-from data import AugmentSpec, IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform, working_size
-from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family, resolve_weights, weights_eval_preset
+from data import AugmentSpec, build_eval_transform, build_train_transform
+from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family
+from models.weights import NORMS, Preprocessing, check_weights, preprocessing, resolve_arch
 from utils.cli import OneLineParser, choice, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
 from utils.checkpoint import inference_weights
 from utils.errors import UsageError
 from utils.actions import ScriptSpec, open_run, pictures_maker
+from utils.features import probe_head
 from utils.run import ModelRecipe, train_and_test
 from utils.optim import split_decay
 
@@ -32,13 +36,15 @@ STRATEGIES = ("freeze_all", "freeze_upto", "full", "gradual")
 @dataclass(frozen=True)
 class ConfigB(TrainConfig):
     arch: str = "resnet50"
-    weights: str = "DEFAULT"  # torchvision weights name, none, or a file
+    weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name, none, or a file
+    norm: str = "auto"  # input normalisation: the weights' own (auto), imagenet, half (mean = std = 0.5)
     strategy: str = "gradual"
     freeze_upto: str = "layer2"  # used by --strategy freeze_upto
     head: str = "linear"
     head_hidden: int = 512
     head_dropout: float = 0.0
     head_epochs: int = 2  # gradual: epochs with only the head training
+    probe_epochs: int = 0  # passes of the head alone over cached frozen features before the first epoch
     feature_cache: str = "auto"  # freeze_all: train the head on backbone features computed once
     backbone_lr: float = 1e-4  # peak lr of the unfrozen backbone
     lr_decay: float = 1.0  # backbone stage k from the top gets backbone_lr * lr_decay**k
@@ -59,9 +65,17 @@ def get_args_parser() -> OneLineParser:
                            description="Fine-tune an ImageNet-pretrained torchvision model on iNaturalist-12K.")
     group = parser.add_argument_group("model")
     group.add_argument("--arch", default=d.arch,
-                       help=f"torchvision model: resnet*, efficientnet*, convnext*, vit_*, ... (default: {d.arch})")
+                       help="a torchvision classifier (resnet*, efficientnet*, convnext*, vit_*, ...) or any timm model "
+                       "(tf_efficientnet_lite0, ...); a name both have is torchvision's, timm/NAME asks timm "
+                       f"(default: {d.arch})")
     group.add_argument("--weights", default=d.weights,
-                       help="IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, none, or a state-dict file (default: DEFAULT)")
+                       help="DEFAULT (the source's pretrained weights, downloaded), a torchvision name (IMAGENET1K_V1, "
+                       "IMAGENET1K_V2), none, or a state-dict file (.pth/.bin/.safetensors), matched by name or else "
+                       "by order and shape (default: DEFAULT)")
+    group.add_argument("--norm", type=choice(*NORMS), default=d.norm,
+                       help="input normalisation: auto = what the weights expect (torchvision's preset, timm's "
+                       "pretrained_cfg; ImageNet statistics for a file of unknown origin), imagenet, or half "
+                       f"(mean = std = 0.5, TensorFlow ports) (default: {d.norm})")
     group.add_argument("-s", "--strategy", type=choice(*STRATEGIES), default=d.strategy,
                        help=f"{', '.join(STRATEGIES)} (default: {d.strategy})")
     group.add_argument("--freeze_upto", "--freeze-upto", default=d.freeze_upto,
@@ -75,6 +89,11 @@ def get_args_parser() -> OneLineParser:
                        default=d.head_dropout, help=f"dropout in the head (default: {d.head_dropout})")
     group.add_argument("--head_epochs", "--head-epochs", type=number(int, 0), default=d.head_epochs,
                        help=f"gradual: epochs that train only the head before unfreezing (default: {d.head_epochs})")
+    group.add_argument("--probe_epochs", "--probe-epochs", type=number(int, 0, 100_000), default=d.probe_epochs,
+                       help="before the first epoch, train the new head alone for this many cheap passes over the "
+                       "frozen backbone's features of the train images, computed once (LP-FT); then every epoch "
+                       "trains as the strategy says; 0 = off; ignored by freeze_all's feature cache, whose epochs "
+                       f"already are such passes (default: {d.probe_epochs})")
     group.add_argument("-blr", "--backbone_lr", "--backbone-lr", type=number(float, 0, low_open=True),
                        default=d.backbone_lr, help=f"peak lr of unfrozen backbone layers (default: {d.backbone_lr})")
     group.add_argument("--lr_decay", "--lr-decay", type=number(float, 0, 1, low_open=True), default=d.lr_decay,
@@ -108,15 +127,26 @@ def build_model(cfg: ConfigB, num_classes: int = 10, weights: str | None = None)
 def check_config(cfg: ConfigB) -> None:
     """Checks that need no data and no download: arch, weights name, stage name, input size."""
     family = find_family(cfg.arch)
-    resolve_weights(cfg.arch, cfg.weights)
+    check_weights(*resolve_arch(cfg.arch), cfg.weights)
     if cfg.image_size < 32:
         raise UsageError(f"image_size={cfg.image_size} is too small for {cfg.arch} (need >= 32); raise --image_size")
-    if family.prefix == "vit" and cfg.image_size != 224:
-        raise UsageError(f"--arch {cfg.arch} takes only 224x224 inputs (fixed position embeddings); use --image_size 224")
+    fixed = fixed_input_size(cfg.arch, family)
+    if fixed and cfg.image_size != fixed:
+        raise UsageError(f"--arch {cfg.arch} takes only {fixed}x{fixed} inputs (fixed position embeddings); "
+                         f"use --image_size {fixed}")
     if cfg.strategy == "gradual" and cfg.head_epochs >= cfg.epochs:
         raise UsageError(f"--head_epochs {cfg.head_epochs} leaves no epoch to fine-tune the backbone "
                          f"(--epochs {cfg.epochs}); lower --head_epochs or raise --epochs")
     build_structure(cfg)
+
+
+def fixed_input_size(arch: str, family) -> int | None:
+    if family.stages == "timm":
+        from models.weights import _timm
+
+        cfg = _timm().get_pretrained_cfg(resolve_arch(arch)[1])
+        return int(cfg.input_size[-1]) if cfg is not None and getattr(cfg, "fixed_input_size", False) else None
+    return 224 if family.prefix == "vit" else None
 
 
 def build_structure(cfg: ConfigB) -> FineTuneNet:
@@ -138,18 +168,14 @@ def run_name(cfg: ConfigB) -> str:
     return f"{cfg.arch}-{strategy}-{head}-lr{cfg.lr:g}{backbone}"
 
 
-def eval_preset(cfg: ConfigB) -> tuple[int, tuple, tuple]:
-    """(resize size, mean, std) of the weights' own eval preset, scaled to --image_size."""
-    preset = weights_eval_preset(cfg.arch, cfg.weights) if not cfg.weights.lower() == "none" else None
-    if preset is None:
-        return working_size(cfg.image_size), IMAGENET_MEAN, IMAGENET_STD
-    resize = round(cfg.image_size * preset["resize_size"] / preset["crop_size"])
-    return resize, preset["mean"], preset["std"]
+def inputs(cfg: ConfigB) -> Preprocessing:
+    """Normalisation and eval crop share the weights expect (--norm overrides the normalisation)."""
+    return preprocessing(*resolve_arch(cfg.arch), cfg.weights, cfg.norm)
 
 
 def eval_transform(cfg: ConfigB):
-    resize, mean, std = eval_preset(cfg)
-    return build_eval_transform(cfg.image_size, resize, mean, std)
+    prep = inputs(cfg)
+    return build_eval_transform(cfg.image_size, prep.resize_for(cfg.image_size), prep.mean, prep.std)
 
 
 def param_groups(model: FineTuneNet, cfg: ConfigB) -> list[dict]:
@@ -180,6 +206,14 @@ def split_for_features(model: FineTuneNet):
     return model.features, model.head
 
 
+def probe(cfg: ConfigB):
+    """--probe_epochs: the head trained on frozen features before the images' epochs."""
+    def init(model: FineTuneNet, data, precision) -> str:
+        return probe_head(split_for_features, model, data.loaders[0], data.loaders[1], precision, cfg,
+                          len(data.class_names))
+    return init
+
+
 def config_from_checkpoint(checkpoint: dict) -> ConfigB:
     return config_from_dict(ConfigB, checkpoint["config"])
 
@@ -206,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # With --resume the weights come from last.pt: skip the download.
     weights = "none" if args.resume else None
-    resize_size, mean, std = eval_preset(cfg)
+    prep = inputs(cfg)
+    print(prep.describe(cfg.image_size))
+    resize_size, mean, std = prep.resize_for(cfg.image_size), prep.mean, prep.std
     recipe = ModelRecipe(
         script="trainB",
         build_model=lambda num_classes: build_model(cfg, num_classes, weights),
@@ -222,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         before_epoch=unfreeze_after_head_epochs(cfg) if cfg.strategy == "gradual" else None,
         feature_cache=split_for_features if uses_feature_cache(cfg) else None,
         augment=not uses_feature_cache(cfg),
+        init_from_data=probe(cfg) if cfg.probe_epochs and not uses_feature_cache(cfg) else None,
     )
 
     def describe(model: FineTuneNet) -> str:

@@ -84,6 +84,27 @@ def collate_skipping_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor
     return default_collate(batch)
 
 
+def refuse_if_unreadable(split: str, root, total: int, readable: int) -> None:
+    """A split with files but not one readable image stops the run before anything is written:
+    training on nothing, or dividing by zero images after it, helps nobody."""
+    if total and not readable:
+        raise DatasetError(
+            f"every one of the {total} files of the {split} split in '{root}' is unreadable ({total} skipped): "
+            "are they git-lfs pointers (run git lfs pull) or web pages saved as .jpg (download the data again)?")
+
+
+def first_readable(dataset: NatureData) -> int | None:
+    """Index of the first file of dataset that decodes (None if none does): one decode in the
+    usual case, a pass of fast failures for a split of broken files."""
+    for index in range(len(dataset)):
+        try:
+            dataset.load(index)
+        except UNREADABLE:
+            continue
+        return index
+    return None
+
+
 def sample_images(dataset: NatureData, count: int, transform: Callable, seed: int) -> torch.Tensor:
     """Up to count images of dataset, drawn without replacement by seed (not the global RNG, so
     the training run's own random stream is untouched) and passed through transform, stacked.

@@ -1,22 +1,24 @@
-"""Part B: a torchvision classifier with a new N-way head, and stage-wise freezing.
+"""Part B: a torchvision or timm classifier with a new N-way head, and stage-wise freezing.
 
     >>> net = build_finetune_model("resnet50", num_classes=10, weights="DEFAULT")
     >>> net.freeze_upto("layer2")        # conv1, layer1, layer2 frozen (inclusive, like timm)
     >>> net.freeze_upto(FREEZE_ALL)      # only the new head trains
+    >>> build_finetune_model("tf_efficientnet_lite0", 10, "lite0.pth").stage_names()
+    ['conv_stem', 'blocks.0', ..., 'blocks.6', 'conv_head']
+
+torchvision models need the family table below (where the head is, how the stages split);
+timm models say it themselves (pretrained_cfg's classifier, group_matcher's stages).
 """
 
 from __future__ import annotations
 
-import os
-import urllib.error
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from .errors import ModelConfigError
+from .weights import WeightsUnavailable, create_network, resolve_arch  # noqa: F401 - WeightsUnavailable re-exported
 
 FREEZE_ALL = "all"
 
@@ -46,67 +48,21 @@ SUPPORTED = "resnet*, resnext*, wide_resnet*, regnet*, efficientnet*, mobilenet_
 
 
 def find_family(arch: str) -> Family:
-    known = set(torchvision.models.list_models(module=torchvision.models))
-    if arch not in known:
-        raise ModelConfigError(f"unknown --arch '{arch}'; use a torchvision classification model such as "
-                               f"resnet50, efficientnet_b0, convnext_tiny or vit_b_16 ({SUPPORTED})")
+    """The head path and stage layout of --arch (torchvision's table, or what timm says)."""
+    source, name = resolve_arch(arch)
+    if source == "timm":
+        from .weights import _timm
+
+        head = _timm().get_pretrained_cfg(name)
+        head = getattr(head, "classifier", None) if head is not None else None
+        if not isinstance(head, str):
+            raise ModelConfigError(f"--arch {arch}: timm names no single classifier to replace; pick another model")
+        return Family(name, head, "timm")
     for family in FAMILIES:
-        if arch.startswith(family.prefix):
+        if name.startswith(family.prefix):
             return family
-    raise ModelConfigError(f"--arch {arch} has no known head to replace; supported families: {SUPPORTED}")
-
-
-def resolve_weights(arch: str, weights: str):
-    """--weights value -> a torchvision WeightsEnum member, None (random init), or a file Path."""
-    if weights.lower() in ("none", "random", ""):
-        return None
-    enum = torchvision.models.get_model_weights(arch)
-    if weights.upper() == "DEFAULT":
-        return enum.DEFAULT
-    if weights.upper() in enum.__members__:
-        return enum[weights.upper()]
-    path = Path(weights).expanduser()
-    if path.is_file():
-        return path
-    names = ", ".join(m for m in enum.__members__)
-    raise ModelConfigError(f"--weights {weights} is neither a weights name for {arch} ({names}, none) nor an existing file")
-
-
-def _load_pretrained(arch: str, weights) -> nn.Module:
-    model = torchvision.models.get_model(arch, weights=None)
-    if weights is None:
-        return model
-    if isinstance(weights, Path):
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any failure here means "not a usable weights file"
-            raise ModelConfigError(f"--weights {weights}: not a loadable state dict ({str(error).splitlines()[0][:100]})") from None
-        state = state.get("model", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ModelConfigError(f"--weights {weights} holds a {type(state).__name__}, not a state dict of tensors; "
-                                   f"pass the file of the torchvision {arch} ImageNet weights")
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, ValueError):
-            raise ModelConfigError(f"--weights {weights} does not fit {arch} (its keys or shapes differ); "
-                                   f"pass the file of the torchvision {arch} ImageNet weights") from None
-        return model
-    try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as error:
-        file_name = os.path.basename(weights.url)
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-        reason = getattr(error, "reason", None) or str(error).splitlines()[0]
-        raise WeightsUnavailable(
-            f"could not download {weights} ({str(reason)[:80]}); place {file_name} from {weights.url} at {cache}, "
-            "or pass --weights PATH, or --weights none to train from random init"
-        ) from None
-    model.load_state_dict(state)
-    return model
-
-
-class WeightsUnavailable(ModelConfigError):
-    """Pretrained weights could not be fetched; never silently replaced by random ones."""
+    raise ModelConfigError(f"--arch {arch} has no known head to replace; supported torchvision families: "
+                           f"{SUPPORTED}, or any timm model")
 
 
 def make_head(in_features: int, num_classes: int, kind: str = "linear", hidden: int = 512,
@@ -144,6 +100,8 @@ class FineTuneNet(nn.Module):
     def stages(self) -> list[tuple[str, list[str]]]:
         """(stage name, module paths) in forward order, e.g. ("layer2", ["layer2"])."""
         net, kind = self.net, self.family.stages
+        if kind == "timm":
+            return timm_stages(net, self.family.head)
         if kind == "resnet":
             return [("conv1", ["conv1", "bn1"])] + [(f"layer{i}", [f"layer{i}"]) for i in range(1, 5)]
         if kind == "regnet":
@@ -248,11 +206,37 @@ class FineTuneNet(nn.Module):
         return trainable, sum(p.numel() for p in self.parameters()) - trainable
 
 
+def timm_stages(net: nn.Module, head: str) -> list[tuple[str, list[str]]]:
+    """timm's coarse parameter groups (stem, each stage, the final conv) as (name, module paths),
+    the head left out. Each group is given by the highest modules that hold only its parameters
+    (blocks.0, not its 30 leaf layers) and named by the first of them: conv_stem, blocks.0, ..."""
+    from timm.models import group_modules
+
+    group_of = {path: gid for gid, paths in group_modules(net, net.group_matcher(coarse=True)).items()
+                for path in paths}
+    covering: dict[int, list[str]] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if path == head:
+                continue
+            groups = {gid for leaf, gid in group_of.items() if leaf == path or leaf.startswith(path + ".")}
+            if len(groups) == 1 and not head.startswith(path + "."):
+                covering.setdefault(groups.pop(), []).append(path)
+            elif groups:
+                walk(child, path + ".")
+
+    walk(net, "")
+    return [(paths[0], paths) for _, paths in sorted(covering.items())]
+
+
 def build_finetune_model(arch: str = "resnet50", num_classes: int = 10, weights: str = "DEFAULT",
                          head: str = "linear", head_hidden: int = 512, head_dropout: float = 0.0) -> FineTuneNet:
-    """Load arch with weights (a name, 'none' or a file) and give it a new num_classes head."""
+    """Load arch with weights (DEFAULT, a torchvision name, none or a file) and give it a new
+    num_classes head."""
     family = find_family(arch)
-    net = _load_pretrained(arch, resolve_weights(arch, weights))
+    net = create_network(*resolve_arch(arch), weights)
     old = net.get_submodule(family.head)
     if not isinstance(old, nn.Linear):
         raise ModelConfigError(f"--arch {arch}: expected a Linear head at {family.head}, found {type(old).__name__}")
@@ -261,13 +245,3 @@ def build_finetune_model(arch: str = "resnet50", num_classes: int = 10, weights:
     setattr(parent, leaf, make_head(old.in_features, num_classes, head, head_hidden, head_dropout))
     # The head's path may now point at a Sequential; keep pointing at the module we set.
     return FineTuneNet(net, arch, family)
-
-
-def weights_eval_preset(arch: str, weights: str) -> dict | None:
-    """crop_size, resize_size, mean and std of the weights' own eval transform (None for none/PATH)."""
-    resolved = resolve_weights(arch, weights)
-    if resolved is None or isinstance(resolved, Path):
-        return None
-    preset = resolved.transforms()
-    return {"crop_size": int(preset.crop_size[0]), "resize_size": int(preset.resize_size[0]),
-            "mean": tuple(preset.mean), "std": tuple(preset.std)}

@@ -54,3 +54,35 @@ def feature_inputs(split: Callable, model: nn.Module, train_loader, val_loader, 
         f"{time.perf_counter() - started:.1f}s; epochs now train the head only")
     # A feature vector has no mirror image: no flip TTA on features (the test, on images, uses --tta).
     return FitInputs(head, train, val, Precision(precision.device), "none")
+
+
+def probe_head(split: Callable, model: nn.Module, train_loader, val_loader, precision: Precision, cfg,
+               num_classes: int) -> str:
+    """LP-FT's first half (Kumar et al., ICLR 2022): before fine-tuning, train the new head alone
+    on features of the frozen pretrained backbone, computed once, for cfg.probe_epochs cheap
+    passes, at the run's head lr, optimizer and schedule. A random head's large gradients in the
+    first fine-tuning steps otherwise distort the pretrained features. What it did, in words."""
+    from .evaluation import evaluate
+    from .optim import build_optimizer, build_scheduler, split_decay
+    from .train import train_one_epoch
+
+    extract, head = split(model)
+    started = time.perf_counter()
+    train = FeatureBatches(*compute_features(extract, in_order(train_loader), precision), cfg.batch_size, True,
+                           cfg.seed)
+    val = FeatureBatches(*compute_features(extract, val_loader, precision), cfg.batch_size, False, cfg.seed)
+    optimizer = build_optimizer(split_decay(head.named_parameters(), cfg.lr, cfg.weight_decay), cfg.optimizer,
+                                cfg.lr, cfg.momentum)
+    steps = cfg.probe_epochs * len(train)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, steps, round(cfg.warmup_epochs * len(train)))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    head_precision = Precision(precision.device)
+    scaler = torch.amp.GradScaler(precision.device.type, enabled=False)
+    for epoch in range(1, cfg.probe_epochs + 1):
+        train.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
+        stats = train_one_epoch(head, train, optimizer, scheduler, scaler, loss_fn, head_precision, epoch,
+                                show_progress=False)
+    result = evaluate(head, val, head_precision, num_classes, desc="probe val", show_progress=False)
+    return (f"probe: the head trained alone for {cfg.probe_epochs} epochs on frozen features of "
+            f"{len(train.labels)} train images ({time.perf_counter() - started:.1f}s): train_accuracy "
+            f"{stats.accuracy:.4f}, val_accuracy {result.accuracy:.4f}; now every epoch trains on images")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from data import AugmentSpec, NatureData, ensure_dataset
+from data.dataset import first_readable, refuse_if_unreadable
 from data.augment import BatchAugment
 from data.cache import CacheUnavailable, build_or_load, default_cache_dir
 from data.loaders import CachedBatches, make_loader
@@ -70,6 +71,8 @@ def make_loaders(run, num_workers: int, train_set, val_set, test_set) -> tuple:
         except CacheUnavailable as error:
             run.say(f"warning: {error}; decoding images every epoch instead (set --cache_dir to a writable folder "
                     "with space, or --cache off to silence this)", file=sys.stderr)
+    for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)):
+        refuse_if_unreadable(name, dataset.root, len(dataset), first_readable(dataset) is not None)
     return tuple(make_loader(ds, cfg.batch_size, ds is train_set, device, num_workers, cfg.seed, dist.rank, dist.world)
                  for ds in (train_set, val_set, test_set))
 
@@ -84,6 +87,7 @@ def cached_loaders(run, train_set, val_set, test_set) -> tuple:
         split = build_or_load(dataset.samples, max(dataset.decode_size or 0, size), size, cfg.image_size, cache_dir,
                               name)
         skipped = int((~split.valid).sum())
+        refuse_if_unreadable(name, dataset.root, len(split.valid), len(split.valid) - skipped)
         if skipped:
             run.say(f"{name}: {skipped} unreadable image(s) skipped (named above when the cache was built)")
         augment = BatchAugment(cfg.image_size, train and cfg.data_aug and recipe.augment, recipe.mean, recipe.std,

@@ -55,9 +55,10 @@ class ModelRecipe:
     # With a frozen backbone: model -> (features(images), head). fit() then trains only the
     # head on features computed once; checkpoints still hold the whole model.
     feature_cache: Callable[[nn.Module], tuple[Callable, nn.Module]] | None = None
-    # Data-dependent initialisation of a fresh model (trainA's --whiten): (model, data) -> what it
-    # did, in a few words. Not called on --resume, whose weights come from last.pt.
-    init_from_data: Callable[[nn.Module, RunData], str] | None = None
+    # Data-dependent initialisation of a fresh model on its device (trainA's --whiten, trainB's
+    # --probe_epochs): (model, data, precision) -> what it did, in a few words. Not called on
+    # --resume, whose weights come from last.pt.
+    init_from_data: Callable[[nn.Module, RunData, Precision], str] | None = None
 
 
 @dataclass
@@ -97,10 +98,9 @@ def _live(run: Run, run_name: str, summary_text, resume: str, after_test, lr_fin
     cfg, main = run.cfg, run.dist.is_main
     data = load_data(run)
     # Build (and download) the model before creating the run directory, so a failure leaves nothing.
-    model = run.recipe.build_model(len(data.class_names))
+    model = prepare_model(run.recipe.build_model(len(data.class_names)), run.precision)
     if run.recipe.init_from_data is not None and run.checkpoint is None:
-        run.say(run.recipe.init_from_data(model, data))
-    model = prepare_model(model, run.precision)
+        run.say(run.recipe.init_from_data(model, data, run.precision))
     run_dir = open_run_dir(run, run_name, resume)
     if summary_text is not None and main:
         (run_dir / "model_summary.txt").write_text(summary_text(model) + "\n")
