@@ -20,7 +20,7 @@ import torch
 from data import AugmentSpec, build_eval_transform, build_train_transform
 from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family
 from models.weights import NORMS, Preprocessing, check_weights, preprocessing, resolve_arch
-from utils.cli import OneLineParser, choice, number, run_cli
+from utils.cli import OneLineParser, add_bool, choice, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
 from utils.checkpoint import inference_weights
@@ -45,6 +45,8 @@ class ConfigB(TrainConfig):
     head_dropout: float = 0.0
     head_epochs: int = 2  # gradual: epochs with only the head training
     probe_epochs: int = 0  # passes of the head alone over cached frozen features before the first epoch
+    probe_lr: float = 1e-3  # peak lr of those passes
+    freeze_bn: bool = False  # every BatchNorm keeps its pretrained statistics (eval mode) while training
     feature_cache: str = "auto"  # freeze_all: train the head on backbone features computed once
     backbone_lr: float = 1e-4  # peak lr of the unfrozen backbone
     lr_decay: float = 1.0  # backbone stage k from the top gets backbone_lr * lr_decay**k
@@ -94,6 +96,11 @@ def get_args_parser() -> OneLineParser:
                        "frozen backbone's features of the train images, computed once (LP-FT); then every epoch "
                        "trains as the strategy says; 0 = off; ignored by freeze_all's feature cache, whose epochs "
                        f"already are such passes (default: {d.probe_epochs})")
+    group.add_argument("--probe_lr", "--probe-lr", type=number(float, 0, low_open=True), default=d.probe_lr,
+                       help=f"peak lr of the --probe_epochs passes (default: {d.probe_lr})")
+    add_bool(group, "--freeze_bn", "--freeze-bn", default=d.freeze_bn,
+             help="keep every BatchNorm in eval mode with its pretrained running statistics, also in the layers "
+             "that train (their scale and shift still learn)")
     group.add_argument("-blr", "--backbone_lr", "--backbone-lr", type=number(float, 0, low_open=True),
                        default=d.backbone_lr, help=f"peak lr of unfrozen backbone layers (default: {d.backbone_lr})")
     group.add_argument("--lr_decay", "--lr-decay", type=number(float, 0, 1, low_open=True), default=d.lr_decay,
@@ -120,6 +127,7 @@ def build_model(cfg: ConfigB, num_classes: int = 10, weights: str | None = None)
     """The model with the strategy's initial freezing applied (weights: override cfg.weights)."""
     model = build_finetune_model(cfg.arch, num_classes, cfg.weights if weights is None else weights,
                                  cfg.head, cfg.head_hidden, cfg.head_dropout)
+    model.bn_frozen = cfg.freeze_bn
     model.freeze_upto(initial_freeze(cfg))
     return model
 

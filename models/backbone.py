@@ -89,6 +89,10 @@ class FineTuneNet(nn.Module):
         self.arch = arch
         self.family = family
         self.frozen: list[str] = []  # module paths (in self.net) held frozen
+        # Every BatchNorm normalises with its pretrained running statistics, in eval mode, even
+        # where its scale and shift train: a small fine-tuning batch's statistics are noisy, and
+        # a probed head (LP-FT) was fitted to the pretrained ones.
+        self.bn_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -176,6 +180,10 @@ class FineTuneNet(nn.Module):
         super().train(mode)
         for path in self.frozen:
             self.net.get_submodule(path).eval()
+        if self.bn_frozen:
+            for module in self.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def parameter_groups(self, lr: float, backbone_lr: float, lr_decay: float = 1.0,

@@ -9,7 +9,7 @@ import pytest
 
 import trainA
 import trainB
-from conftest import TINY_ARGS, assert_one_line_error, make_dataset, run_main
+from conftest import ROOT, TINY_ARGS, assert_one_line_error, make_dataset, run_main
 
 
 def break_split(root: Path, split: str) -> int:
@@ -40,3 +40,72 @@ def test_a_split_left_empty_by_unreadable_files_is_refused_before_anything_is_wr
         assert f"every one of the {count} files of the test split" in last, last
     assert "git-lfs" in last and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["-fo", "inf"], "'inf' is not a finite number"),
+    (["-fo", "nan"], "'nan' is not a finite number"),
+    (["-fo", "1e308"], "1e308 must be <= 16"),
+    (["--seed", "18446744073709551617"], "--seed: 18446744073709551617 must be <= 4294967295"),
+    (["-e", "1e30"], "--epochs: 1e30 must be <= 2147483647"),
+    (["-lr", "inf"], "--learning_rate: 'inf' is not a finite number"),
+])
+def test_numbers_at_their_limits_are_refused_up_front(argv, needle):
+    assert_one_line_error(run_main("trainA.py", *argv, "--dry_run"), needle)
+
+
+def test_a_checkpoint_that_is_a_folder_is_named_as_one(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"")
+    result = run_main("trainA.py", "--test_only", "--checkpoint", str(tmp_path / "run"))
+    assert_one_line_error(result, f"checkpoint '{tmp_path / 'run'}' is a folder (it holds best.pt), not a file")
+
+
+def test_an_error_message_with_newlines_is_printed_on_one_line(tmp_path, monkeypatch):
+    from data import DatasetError
+
+    def fails(argv):
+        raise DatasetError("download of http://127.0.0.1/x.zip failed: HTTP 310 redirect loop\nLocation: a\nLocation: b")
+
+    import io
+    import contextlib
+    from utils.cli import run_cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run_cli(fails, [], prog="trainA.py") == 2
+    assert err.getvalue().count("\n") == 1 and "redirect loop Location: a Location: b" in err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    data = make_dataset(root / "data")
+    assert trainA.main(["--data_dir", str(data), "-e", "1", "--output_dir", str(root / "runs"), *TINY_ARGS]) == 0
+    (run_dir,) = (root / "runs").iterdir()
+    return data, run_dir
+
+
+def test_predict_piped_into_head_ends_quietly(finished):
+    import subprocess
+    import sys
+
+    data, run_dir = finished
+    command = (f"{sys.executable} {ROOT / 'trainA.py'} --predict {data / 'val'} --checkpoint {run_dir / 'best.pt'} "
+               "--device cpu | head -1")
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.stdout.count("\n") == 1 and ".jpg:" in result.stdout
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_predict_skips_hidden_folders_and_files(finished, tmp_path, capsys):
+    data, run_dir = finished
+    photos = tmp_path / "photos"
+    photo = next((data / "val" / "fungi").iterdir())
+    for name in ("a.jpg", ".ipynb_checkpoints/a-checkpoint.jpg", ".thumbnails/a.jpg", "._a.jpg"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(photo.read_bytes())
+    assert trainA.main(["--predict", str(photos), "--checkpoint", str(run_dir / "best.pt")]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if ".jpg:" in line]
+    assert len(printed) == 1 and printed[0].startswith(str(photos / "a.jpg"))

@@ -40,6 +40,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by these scripts, refusing anything that would run code."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = " (it holds best.pt)" if (path / "best.pt").is_file() else ""
+        raise CheckpointError(f"checkpoint '{path}' is a folder{inside}, not a file; pass the path of a best.pt or "
+                              "last.pt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass the path of a best.pt or last.pt")
     try:

@@ -7,6 +7,7 @@ Python's str() of the value): booleans as true/True/1/yes, lists as `5,5,3` or `
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import fields
@@ -73,14 +74,13 @@ def filter_org(text: str) -> str | float:
     if value in ("same", "const", "double", "half"):
         return "same" if value == "const" else value
     try:
-        factor = float(value)
+        float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"'{text}' is not a filter organisation; use same, double, half or a factor like 1.5"
         ) from None
-    if factor <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be a positive factor")
-    return factor
+    # A factor beyond 16 overflows any block's filter count within five blocks.
+    return number(float, 0, 16, low_open=True)(value)
 
 
 def choice(*choices: str) -> Callable[[str], str]:
@@ -101,9 +101,16 @@ def choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+INT_MAX = 2**31 - 1  # an integer flag's ceiling where none is given: counts, sizes, epochs
+
+
 def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
            high_open: bool = False) -> Callable[[str], int | float]:
-    """int/float parser with a range check; 1e-05, 0.0001 and '64.0' (for ints) all parse."""
+    """int/float parser with a range check; 1e-05, 0.0001 and '64.0' (for ints) all parse.
+    NaN and infinities never pass, and an integer has a ceiling (INT_MAX unless given), so no
+    value reaches the run that overflows where it is used."""
+    if kind is int and high is None:
+        high = INT_MAX
 
     def parse(text: str):
         try:
@@ -140,10 +147,18 @@ def config_from_args(config_cls, args: argparse.Namespace):
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "") -> int:
     """Call main(argv); a user error becomes one line on stderr and exit code 2."""
     try:
-        return main(argv)
+        code = main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback when Python exits
+        return code
     except USER_ERRORS as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        # One line, whatever the message carries (an HTTP reason or OS error with newlines in it).
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`--predict ... | head -1`): stop quietly, as a shell tool does.
+        # Later writes to the closed stdout (at exit, when Python flushes it) go to devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:  # outside training (scanning, decoding the cache): nothing trained yet
         print(f"\n{prog}: interrupted before training started; nothing to keep", file=sys.stderr)
         return 130

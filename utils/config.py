@@ -70,7 +70,7 @@ class TrainConfig:
 # What a checkpoint written before these flags existed was trained and evaluated with: its
 # --test_only, --predict and --resume keep doing exactly that, not today's defaults.
 LEGACY_VALUES = {"crop_scale": 0.35, "jitter": 0.2, "erasing": 0.1, "tta": "none", "crop_pct": 0.875,
-                 "global_pool": "none", "whiten": "off"}
+                 "global_pool": "none", "whiten": "off", "probe_epochs": 0, "freeze_bn": False, "norm": "auto"}
 
 
 def config_from_dict(config_cls, values: dict):
@@ -154,7 +154,7 @@ def _optimisation_args(group, d: TrainConfig) -> None:
                        default=d.label_smoothing, help=f"(default: {d.label_smoothing})")
     group.add_argument("--patience", type=number(int, 0), default=d.patience,
                        help=f"stop after this many epochs without a better val_accuracy; 0 = never (default: {d.patience})")
-    group.add_argument("--seed", type=number(int, 0), default=d.seed, help=f"split, init and augmentation seed (default: {d.seed})")
+    group.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=d.seed, help=f"split, init and augmentation seed (default: {d.seed})")
     group.add_argument("--ema_decay", "--ema-decay", type=number(float, 0, 1, high_open=True), default=d.ema_decay,
                        help="keep an exponential moving average of the weights (e.g. 0.999) and validate, test and "
                        f"save best.pt with it; 0 = off (default: {d.ema_decay})")

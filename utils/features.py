@@ -60,7 +60,7 @@ def probe_head(split: Callable, model: nn.Module, train_loader, val_loader, prec
                num_classes: int) -> str:
     """LP-FT's first half (Kumar et al., ICLR 2022): before fine-tuning, train the new head alone
     on features of the frozen pretrained backbone, computed once, for cfg.probe_epochs cheap
-    passes, at the run's head lr, optimizer and schedule. A random head's large gradients in the
+    passes, at cfg.probe_lr with the run's optimizer and schedule. A random head's large gradients in the
     first fine-tuning steps otherwise distort the pretrained features. What it did, in words."""
     from .evaluation import evaluate
     from .optim import build_optimizer, build_scheduler, split_decay
@@ -71,8 +71,8 @@ def probe_head(split: Callable, model: nn.Module, train_loader, val_loader, prec
     train = FeatureBatches(*compute_features(extract, in_order(train_loader), precision), cfg.batch_size, True,
                            cfg.seed)
     val = FeatureBatches(*compute_features(extract, val_loader, precision), cfg.batch_size, False, cfg.seed)
-    optimizer = build_optimizer(split_decay(head.named_parameters(), cfg.lr, cfg.weight_decay), cfg.optimizer,
-                                cfg.lr, cfg.momentum)
+    optimizer = build_optimizer(split_decay(head.named_parameters(), cfg.probe_lr, cfg.weight_decay), cfg.optimizer,
+                                cfg.probe_lr, cfg.momentum)
     steps = cfg.probe_epochs * len(train)
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps, round(cfg.warmup_epochs * len(train)))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

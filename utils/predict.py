@@ -24,8 +24,10 @@ def expand(paths: list[str]) -> list[Path]:
     for text in paths:
         path = Path(text).expanduser()
         if path.is_dir():
+            # Hidden files and folders (.ipynb_checkpoints/, .thumbnails/, ._photo.jpg) hold copies
+            # and thumbnails, not the user's photos.
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not p.name.startswith("."))
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise UsageError(f"--predict folder '{path}' holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             files.extend(found)
