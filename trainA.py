@@ -189,10 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code, args, cfg = open_run(SPEC, argv)
     if code is not None:
         return code
-    model = build_model(cfg)
-    summary = summarize(model, (3, cfg.image_size, cfg.image_size))
-    print(f"{run_name(cfg)}\n{summary.format()}")
-    if args.dry_run:
+    print(run_name(cfg))
+    if args.dry_run:  # the model for the default 10 classes: no data is read
+        print(summarize(build_model(cfg), (3, cfg.image_size, cfg.image_size)).format())
         return 0
 
     resize = eval_resize_of(cfg)

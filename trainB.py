@@ -271,10 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def describe(model: FineTuneNet) -> str:
         trainable, frozen = model.count_parameters()
-        text = (f"{cfg.arch} ({cfg.weights}), head {cfg.head}, strategy {cfg.strategy}: "
+        return (f"{cfg.arch} ({cfg.weights}), head {cfg.head}, strategy {cfg.strategy}: "
                 f"{trainable:,} parameters train, {frozen:,} frozen")
-        print(text)
-        return text
 
     return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,
                           lr_find_steps=args.lr_find_steps if args.lr_find else 0,

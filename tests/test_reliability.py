@@ -109,3 +109,69 @@ def test_predict_skips_hidden_folders_and_files(finished, tmp_path, capsys):
     assert trainA.main(["--predict", str(photos), "--checkpoint", str(run_dir / "best.pt")]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if ".jpg:" in line]
     assert len(printed) == 1 and printed[0].startswith(str(photos / "a.jpg"))
+
+
+def test_a_resume_with_nothing_to_train_is_refused_before_touching_the_run(finished):
+    data, run_dir = finished
+    before = (run_dir / "config.json").read_text(), (run_dir / "metrics.csv").read_text()
+    for epochs in ([], ["-e", "1"]):
+        result = run_main("trainA.py", "--resume", str(run_dir / "last.pt"), *epochs)
+        assert_one_line_error(result, "has trained 1 epochs and --epochs is 1", "pass --epochs above 1")
+    assert ((run_dir / "config.json").read_text(), (run_dir / "metrics.csv").read_text()) == before
+
+
+def test_an_early_stopped_run_resumes_only_with_more_patience(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    # lr 1e-6: val_accuracy cannot improve after epoch 1, so patience 1 stops after epoch 2
+    args = ["--data_dir", str(data), "--output_dir", str(tmp_path / "runs"), *TINY_ARGS, "-e", "5", "--patience", "1",
+            "-lr", "1e-6"]
+    assert trainA.main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    done = len((run_dir / "metrics.csv").read_text().splitlines()) - 1
+    assert done < 5
+    assert_one_line_error(run_main("trainA.py", "--resume", str(run_dir / "last.pt")),
+                          f"stopped early after epoch {done}", "pass a larger --patience")
+    assert trainA.main(["--resume", str(run_dir / "last.pt"), "--patience", "0", "--num_workers", "0"]) == 0
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) - 1 == 5
+
+
+@pytest.mark.parametrize("flag", [["-lr", "0.5"], ["--tta", "none"], ["-is", "64"]])
+def test_test_only_refuses_flags_it_would_ignore(finished, flag):
+    _, run_dir = finished
+    result = run_main("trainA.py", "--test_only", "--checkpoint", str(run_dir / "best.pt"), *flag, "--wandb_mode",
+                      "disabled")
+    assert_one_line_error(result, "--test_only evaluates the checkpoint with its own saved settings",
+                          "would be ignored")
+
+
+def test_pictures_and_tables_stay_bounded_at_a_thousand_classes(tmp_path, capsys):
+    import numpy as np
+    from types import SimpleNamespace
+
+    from utils.actions import report_test
+    from utils.pictures import MAX_CLASSES_SHOWN, confusion_counts, confusion_matrix_picture
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 1000, 20_000)
+    predictions = np.where(rng.random(20_000) < 0.7, targets, rng.integers(0, 1000, 20_000))
+    names = [f"species_{i:04d}" for i in range(1000)]
+    matrix = confusion_counts(targets.tolist(), predictions.tolist(), 1000)
+    picture = confusion_matrix_picture(matrix, names, tmp_path / "cm.png")
+    assert max(picture.size) < 2000, picture.size
+    accuracy = np.diag(matrix) / matrix.sum(1)
+    stats = SimpleNamespace(loss=1.0, accuracy=0.7, images=20_000, per_class_accuracy=lambda: accuracy.tolist())
+    results = report_test(stats, names, "best.pt")
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) <= MAX_CLASSES_SHOWN + 2 and len(results["test_per_class_accuracy"]) == 1000
+    worst = names[int(np.argmin(accuracy))]
+    assert any(line.strip().startswith(worst) for line in printed)
+
+
+def test_the_printed_model_summary_is_the_model_that_trains(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", classes=("amphibia", "fungi", "insecta", "mammalia"))
+    assert trainA.main(["--data_dir", str(data), "-e", "1", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS]) == 0
+    printed = capsys.readouterr().out
+    import re
+
+    # the output layer's row: "<name>  Linear  <classes>  <params>  <macs>"
+    assert re.search(r"Linear\s+4\s", printed) and not re.search(r"Linear\s+10\s", printed), printed

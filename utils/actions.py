@@ -57,17 +57,29 @@ def open_run(spec: ScriptSpec, argv: Sequence[str] | None):
 
 def report_test(stats, class_names: list[str], header: str) -> dict:
     """Print test metrics and per-class accuracy; return them as a flat dict."""
+    from .pictures import MAX_CLASSES_SHOWN
+
     per_class = dict(zip(class_names, stats.per_class_accuracy()))
     print(f"{header}: test_loss {stats.loss:.4f}  test_accuracy {stats.accuracy:.4f}  ({stats.images} images)")
-    width = max(len(n) for n in class_names)
-    for name, accuracy in per_class.items():
+    shown = per_class
+    if len(per_class) > MAX_CLASSES_SHOWN:  # the weakest classes; every one is in test_metrics.json
+        shown = dict(sorted(per_class.items(), key=lambda item: item[1])[:MAX_CLASSES_SHOWN])
+        print(f"  the {MAX_CLASSES_SHOWN} of {len(per_class)} classes of lowest accuracy (all in test_metrics.json):")
+    width = max(len(n) for n in shown)
+    for name, accuracy in shown.items():
         print(f"  {name:<{width}}  {accuracy:.4f}")
     return {"test_loss": stats.loss, "test_accuracy": stats.accuracy, "test_images": stats.images,
             "test_per_class_accuracy": per_class}
 
 
 # What --resume lets a user change; everything else comes from the run's own checkpoint.
-RESUME_OVERRIDES = frozenset({"data_dir", "device", "num_workers", "wandb_mode", "epochs", "cache_dir", "pictures"})
+RESUME_OVERRIDES = frozenset({"data_dir", "device", "num_workers", "wandb_mode", "epochs", "cache_dir", "pictures",
+                              "patience"})
+# What --test_only uses besides --checkpoint; any other setting comes from the checkpoint.
+TEST_ONLY_FLAGS = frozenset({"data_dir", "device", "batch_size", "num_workers"})
+# Settings that change nothing a test measures: tolerated with --test_only, as with any run.
+NO_EFFECT_ON_RESULTS = frozenset({"wandb_mode", "wandb_project", "wandb_entity", "output_dir", "run_name", "pictures",
+                                  "cache", "cache_dir", "data_on_device", "download", "data_url", "keep_zip"})
 
 
 def explicit_flags(args, parser) -> set[str]:
@@ -83,6 +95,12 @@ def run_checkpoint_action(args, parser, script: str, rebuild: Callable) -> int |
         return predict(args.predict, args.checkpoint, script, rebuild, args.device, prog=f"{script}.py")
     if args.test_only:
         given = explicit_flags(args, parser)
+        ignored = sorted(given - TEST_ONLY_FLAGS - NO_EFFECT_ON_RESULTS - {"test_only", "checkpoint"})
+        if ignored:
+            allowed = ", ".join(f"--{name}" for name in sorted(TEST_ONLY_FLAGS))
+            raise UsageError(f"--test_only evaluates the checkpoint with its own saved settings, so "
+                             f"{', '.join('--' + n for n in ignored)} would be ignored (with --test_only only "
+                             f"--checkpoint, {allowed} apply); drop it, or train a new run with it")
         return test_only(args.checkpoint, script, rebuild, data_dir=args.data_dir if "data_dir" in given else None,
                          device=args.device, batch_size=args.batch_size if "batch_size" in given else None,
                          num_workers=args.num_workers)
@@ -106,7 +124,24 @@ def config_for_run(args, parser, from_args: Callable, from_checkpoint: Callable)
         allowed = ", ".join(f"--{name}" for name in sorted(RESUME_OVERRIDES))
         raise UsageError(f"--resume continues a run with its saved settings, so {', '.join('--' + n for n in changed)} "
                          f"cannot change (with --resume only {allowed} may); start a new run instead")
-    return dataclasses.replace(saved, **{name: getattr(wanted, name) for name in given & RESUME_OVERRIDES})
+    cfg = dataclasses.replace(saved, **{name: getattr(wanted, name) for name in given & RESUME_OVERRIDES})
+    check_work_left(checkpoint, cfg, args.resume)
+    return cfg
+
+
+def check_work_left(checkpoint: dict, cfg, path: str) -> None:
+    """A resume that would train nothing, or train one epoch past an early stop, is refused
+    before it rewrites anything of the run."""
+    done = int(checkpoint.get("epoch", 0))
+    best = Path(path).with_name("best.pt")
+    if done >= cfg.epochs:
+        raise UsageError(f"'{path}' has trained {done} epochs and --epochs is {cfg.epochs}, so there is nothing to "
+                         f"train; pass --epochs above {done} to train on, or test it: --test_only --checkpoint {best}")
+    waited = int(checkpoint.get("epochs_without_improvement", 0))
+    if cfg.patience and waited >= cfg.patience:
+        raise UsageError(f"the run of '{path}' stopped early after epoch {done} (no better val_accuracy for {waited} "
+                         f"epochs, --patience {cfg.patience}); pass a larger --patience (or 0) to train on, or test "
+                         f"it: --test_only --checkpoint {best}")
 
 
 def check_resumable(checkpoint: dict, path: str) -> None:

@@ -16,6 +16,9 @@ from torchvision.utils import make_grid
 from data import load_rgb
 
 GREEN, RED, WHITE, BLACK, GRAY = (34, 139, 34), (220, 20, 20), (255, 255, 255), (0, 0, 0), (120, 120, 120)
+# Pictures and printed tables show at most this many classes, so their size is bounded whatever
+# the data set (at 1,000 classes a full confusion matrix would be 44,000 px on a side).
+MAX_CLASSES_SHOWN = 30
 
 
 def font(size: int = 12) -> ImageFont.ImageFont:
@@ -60,10 +63,14 @@ def predict_indices(model: nn.Module, dataset, indices: list[int], device: torch
 
 
 def choose_per_class(dataset, per_class: int, seed: int) -> list[int]:
-    """per_class readable images of every class, the same ones for the same seed."""
+    """per_class readable images of every class (of MAX_CLASSES_SHOWN classes drawn by seed, where
+    there are more), the same ones for the same seed."""
     rng = np.random.default_rng(seed)
+    labels = range(len(dataset.classes))
+    if len(labels) > MAX_CLASSES_SHOWN:
+        labels = sorted(rng.choice(len(labels), MAX_CLASSES_SHOWN, replace=False).tolist())
     chosen = []
-    for label in range(len(dataset.classes)):
+    for label in labels:
         candidates = [i for i, s in enumerate(dataset.samples) if s.label == label]
         picked = []
         for i in rng.permutation(candidates):
@@ -80,14 +87,15 @@ def prediction_grid(model: nn.Module, dataset, device: torch.device, path: Path,
     """One row per class, per_class test images each, captioned true / predicted (confidence);
     a red frame marks a wrong prediction, a green one a right one."""
     predictions = predict_indices(model, dataset, choose_per_class(dataset, per_class, seed), device)
-    caption, pad, rows = 30, 6, len(dataset.classes)
+    row_of = {label: row for row, label in enumerate(sorted({p.true_label for p in predictions}))}
+    caption, pad, rows = 30, 6, max(len(row_of), 1)
     canvas = Image.new("RGB", (per_class * (tile + pad) + pad, rows * (tile + caption + pad) + pad), WHITE)
     draw, small = ImageDraw.Draw(canvas), font(11)
     slots: dict[int, int] = {}
     for p in predictions:
         column = slots.setdefault(p.true_label, 0)
         slots[p.true_label] += 1
-        x, y = pad + column * (tile + pad), pad + p.true_label * (tile + caption + pad)
+        x, y = pad + column * (tile + pad), pad + row_of[p.true_label] * (tile + caption + pad)
         canvas.paste(center_square(load_rgb(dataset.samples[p.index].path, tile), tile), (x, y))
         colour = GREEN if p.predicted == p.true_label else RED
         draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], outline=colour, width=3)
@@ -196,16 +204,29 @@ def confusion_counts(targets: list[int], predictions: list[int], num_classes: in
     return matrix
 
 
+def worst_classes(matrix: np.ndarray, limit: int = MAX_CLASSES_SHOWN) -> list[int]:
+    """Every class when there are at most limit; else the limit classes of lowest accuracy (the
+    ones worth looking at), in their original order."""
+    if len(matrix) <= limit:
+        return list(range(len(matrix)))
+    accuracy = np.diag(matrix) / matrix.sum(1).clip(min=1)
+    return sorted(np.argsort(accuracy, kind="stable")[:limit].tolist())
+
+
 def confusion_matrix_picture(matrix: np.ndarray, class_names: list[str], path: Path, cell: int = 44) -> Image.Image:
     """Rows: true class, columns: predicted; shade = share of the row; right column: per-class
-    accuracy."""
+    accuracy. Beyond MAX_CLASSES_SHOWN classes, the ones of lowest accuracy (so the picture's
+    size is bounded whatever the class count; the full matrix is in the test predictions)."""
+    shown = worst_classes(matrix)
+    title = "" if len(shown) == len(class_names) else f"the {len(shown)} of {len(class_names)} classes of lowest accuracy; "
+    row_totals = matrix.sum(1).clip(min=1)[shown]
+    matrix, class_names = matrix[np.ix_(shown, shown)], [class_names[i] for i in shown]
     n = len(class_names)
     label_width = max(90, 7 * max(len(c) for c in class_names))
     top = label_width
     width, height = label_width + (n + 1) * cell + 10, top + n * cell + 30
     canvas = Image.new("RGB", (width, height), WHITE)
     draw, small = ImageDraw.Draw(canvas), font(11)
-    row_totals = matrix.sum(1).clip(min=1)
     for i in range(n):
         for j in range(n):
             share = matrix[i, j] / row_totals[i]
@@ -223,7 +244,7 @@ def confusion_matrix_picture(matrix: np.ndarray, class_names: list[str], path: P
         ImageDraw.Draw(label).text((2, cell // 2), name[:16], fill=BLACK, font=small, anchor="lm")
         canvas.paste(label.rotate(90, expand=True), (label_width + j * cell, 2))
     draw.text((label_width + n * cell + 2, top - 14), "acc", fill=BLACK, font=small)
-    draw.text((4, height - 20), "rows: true class, columns: predicted", fill=GRAY, font=small)
+    draw.text((4, height - 20), f"{title}rows: true class, columns: predicted", fill=GRAY, font=small)
     canvas.save(path)
     return canvas
 
@@ -248,5 +269,5 @@ def make_all(model: nn.Module, precision, test_set, test_stats, run_dir: Path, t
     matrix = confusion_counts(test_stats.targets, test_stats.predictions, len(class_names))
     confusion_matrix_picture(matrix, class_names, paths["confusion_matrix"])
     tracker.log_images(paths)
-    tracker.log_confusion_matrix(test_stats.targets, test_stats.predictions, class_names)
+    tracker.log_confusion_matrix(test_stats.targets, test_stats.predictions, class_names, MAX_CLASSES_SHOWN)
     return paths

@@ -102,8 +102,10 @@ def _live(run: Run, run_name: str, summary_text, resume: str, after_test, lr_fin
     if run.recipe.init_from_data is not None and run.checkpoint is None:
         run.say(run.recipe.init_from_data(model, data, run.precision))
     run_dir = open_run_dir(run, run_name, resume)
-    if summary_text is not None and main:
-        (run_dir / "model_summary.txt").write_text(summary_text(model) + "\n")
+    if summary_text is not None and main:  # the model that trains, with the data's class count
+        text = summary_text(model)
+        print(text)
+        (run_dir / "model_summary.txt").write_text(text + "\n")
     opt, state, trained = set_up_training(run, model, data, run_dir)
     config = asdict(cfg)
     if main:

@@ -170,8 +170,11 @@ class Tracker:
         if self.run is not None and images:
             self.run.log({key: self.wandb.Image(str(path)) for key, path in images.items()})
 
-    def log_confusion_matrix(self, targets: list[int], predictions: list[int], class_names: list[str]) -> None:
-        if self.run is not None:
+    def log_confusion_matrix(self, targets: list[int], predictions: list[int], class_names: list[str],
+                             max_classes: int = 30) -> None:
+        """wandb's interactive matrix, up to max_classes (its table grows with the square of the
+        class count; confusion_matrix.png, logged as an image, covers more)."""
+        if self.run is not None and len(class_names) <= max_classes:
             self.run.log({"confusion_matrix": self.wandb.plot.confusion_matrix(
                 y_true=targets, preds=predictions, class_names=class_names)})
 
