@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +90,17 @@ def scan_split(split_dir: Path, class_names: list[str] | None = None) -> tuple[l
     With class_names given (the test folder), the folder's classes must match them exactly.
     """
     found = list_classes(split_dir)
+    # A name written on macOS (NFD: "e" + combining accent) and the same name written elsewhere
+    # (NFC: one "é") are one class: folders are matched by their normalised names.
+    folder_of = {unicodedata.normalize("NFC", name): name for name in found}
     if class_names is None:
         class_names = found
         if not class_names:
             raise DatasetError(f"'{split_dir}' has no class subfolders; put each class's images in {split_dir}/<class>/")
-    elif found != class_names:
-        missing = sorted(set(class_names) - set(found))
-        extra = sorted(set(found) - set(class_names))
+    elif sorted(folder_of) != sorted(unicodedata.normalize("NFC", name) for name in class_names):
+        wanted = {unicodedata.normalize("NFC", name) for name in class_names}
+        missing = sorted(wanted - set(folder_of))
+        extra = sorted(set(folder_of) - wanted)
         parts = []
         if missing:
             parts.append(f"missing {', '.join(missing)}")
@@ -107,7 +112,7 @@ def scan_split(split_dir: Path, class_names: list[str] | None = None) -> tuple[l
         )
     samples: list[Sample] = []
     for label, name in enumerate(class_names):
-        class_dir = split_dir / name
+        class_dir = split_dir / folder_of.get(unicodedata.normalize("NFC", name), name)
         files = sorted(e.path for e in _scandir(class_dir) if is_image_file(e.name) and _entry_is(e, "file"))
         if not files:
             raise DatasetError(

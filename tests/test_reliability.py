@@ -175,3 +175,48 @@ def test_the_printed_model_summary_is_the_model_that_trains(tmp_path, capsys):
 
     # the output layer's row: "<name>  Linear  <classes>  <params>  <macs>"
     assert re.search(r"Linear\s+4\s", printed) and not re.search(r"Linear\s+10\s", printed), printed
+
+
+def test_class_names_that_differ_only_in_unicode_normalisation_are_one_class(tmp_path):
+    import unicodedata
+
+    data = make_dataset(tmp_path / "data", classes=("amphibia", "fungi"))
+    for split, form in (("train", "NFC"), ("val", "NFD")):
+        (data / split / "fungi").rename(data / split / unicodedata.normalize(form, "champignon_café"))
+    out = tmp_path / "runs"
+    assert trainA.main(["--data_dir", str(data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
+
+
+@pytest.mark.parametrize("project,needle", [("team/project", "cannot hold /; put the team in --wandb_entity"),
+                                            ("p" * 129, "must be 1 to 128 characters")])
+def test_a_wandb_project_name_wandb_refuses_is_one_line_before_any_work(tiny_data, tmp_path, project, needle):
+    result = run_main("trainA.py", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "runs"),
+                      "--wandb_project", project, *TINY_ARGS)
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_name_too_long_for_the_file_system_gets_a_short_folder(tiny_data, tmp_path):
+    name = "sweep-" + "x" * 300
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "runs"),
+                        "--run_name", name, *TINY_ARGS]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len(run_dir.name) <= 120 and (run_dir / "test_metrics.json").is_file()
+
+
+def test_a_class_name_that_is_not_utf8_prints_under_a_strict_utf8_stdout(tmp_path, monkeypatch):
+    import io
+    import os
+    import sys
+
+    from utils.cli import run_cli
+
+    data = make_dataset(tmp_path / "data", classes=("amphibia", "fungi"))
+    for split in ("train", "val"):
+        os.rename(os.fsencode(data / split / "fungi"), os.fsencode(data / split) + b"/pilz_\xff")
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", strict)
+    out = tmp_path / "runs"
+    assert run_cli(trainA.main, ["--data_dir", str(data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
+    (run_dir,) = out.iterdir()
+    assert (run_dir / "test_metrics.json").is_file()

@@ -48,11 +48,26 @@ def open_run(spec: ScriptSpec, argv: Sequence[str] | None):
     if code is not None:
         return code, None, None
     cfg = config_for_run(args, parser, spec.config_from_args, spec.config_from_checkpoint)
+    check_wandb_names(cfg)
     spec.check_config(cfg)
     resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
     if args.lr_find and args.resume:
         raise UsageError("--lr_find starts from fresh weights; drop --resume")
     return None, args, cfg
+
+
+WANDB_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
+
+
+def check_wandb_names(cfg) -> None:
+    """What wandb would refuse after the data was decoded, refused before anything is done."""
+    project = cfg.wandb_project
+    bad = sorted({c for c in project if c in WANDB_FORBIDDEN})
+    if bad:
+        hint = "; put the team in --wandb_entity" if "/" in bad else ""
+        raise UsageError(f"--wandb_project '{project}': wandb project names cannot hold {' '.join(bad)}{hint}")
+    if not project.strip() or len(project) > 128:
+        raise UsageError(f"--wandb_project '{project[:40]}...' must be 1 to 128 characters (it has {len(project)})")
 
 
 def report_test(stats, class_names: list[str], header: str) -> dict:

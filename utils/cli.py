@@ -146,6 +146,9 @@ def config_from_args(config_cls, args: argparse.Namespace):
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None, prog: str = "") -> int:
     """Call main(argv); a user error becomes one line on stderr and exit code 2."""
+    for stream in (sys.stdout, sys.stderr):  # a class named in bytes that are not UTF-8 still prints
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback when Python exits

@@ -3,6 +3,7 @@ and its small JSON files (config.json, state.json, test_metrics.json) written at
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,10 +26,15 @@ def write_state(run_dir: Path, state: str, **details) -> None:
     write_json(run_dir / "state.json", {"state": state, **details})
 
 
+MAX_NAME = 120  # characters of a run folder's name, well under any file system's limit
+
+
 def create_run_dir(output_dir: str, name: str) -> Path:
     """A fresh folder output_dir/name (name-2, name-3, ... if taken); fails early if unwritable."""
     root = Path(output_dir).expanduser()
     safe = re.sub(r"[^A-Za-z0-9._,+=-]+", "_", name).strip("._") or "run"
+    if len(safe) > MAX_NAME:  # file systems allow 255 bytes; a hash keeps long names apart
+        safe = f"{safe[:MAX_NAME - 9]}-{hashlib.sha1(safe.encode()).hexdigest()[:8]}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         for attempt in range(1, 10_000):
