@@ -4,6 +4,7 @@ machine (the others wait on a file lock and reuse its result)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -40,6 +41,23 @@ def has_dataset(path: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def writable_lock(target: Path, fix: str):
+    """The file lock beside target (one process unpacks or downloads, the others wait), or one
+    line naming the folder when it cannot be written (a read-only share, a parent without
+    permission)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target) + ".lock")
+        lock.acquire()
+    except OSError as error:
+        raise DatasetError(f"cannot write in '{target.parent}' ({error.strerror or error}); {fix}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def ensure_dataset(data_dir: str | os.PathLike, url: str = DEFAULT_URL, download: bool = True,
                    keep_zip: bool = False, timeout: float = 30.0) -> Path:
     """A folder holding the data set: data_dir itself, the folder a .zip data_dir unpacks to,
@@ -48,15 +66,14 @@ def ensure_dataset(data_dir: str | os.PathLike, url: str = DEFAULT_URL, download
     if path.suffix.lower() == ".zip" and path.is_file():
         target = path.with_suffix("")
         if not has_dataset(target):
-            with FileLock(str(target) + ".lock"):
+            with writable_lock(target, f"unzip '{path}' into a writable folder and pass that as --data_dir"):
                 if not has_dataset(target):
                     extract_zip(path, target)
         return target
     if has_dataset(path) or not download:
         resolve_folders(path)  # raises the precise reason when it is not usable
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with writable_lock(path, "pass a --data_dir in a folder you can write to"):
         if has_dataset(path):  # another process finished it while we waited
             return path
         if path.exists() and any(path.iterdir()):

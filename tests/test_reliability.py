@@ -220,3 +220,163 @@ def test_a_class_name_that_is_not_utf8_prints_under_a_strict_utf8_stdout(tmp_pat
     assert run_cli(trainA.main, ["--data_dir", str(data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
     (run_dir,) = out.iterdir()
     assert (run_dir / "test_metrics.json").is_file()
+
+
+# ---------------------------------------------------------------- signals and storage at the edges of a run
+def state_of(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def test_ctrl_c_during_the_final_test_says_what_is_kept(tiny_data, tmp_path, monkeypatch):
+    import utils.run
+
+    real = utils.run.evaluate
+
+    def interrupted(*args, **kwargs):
+        if kwargs.get("desc") == "test":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.run, "evaluate", interrupted)
+    out = tmp_path / "runs"
+    result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS)
+    assert result.returncode == 130
+    (run_dir,) = out.iterdir()
+    assert "nothing to keep" not in result.stderr and "best.pt, last.pt kept in" in result.stderr
+    assert state_of(run_dir)["state"] == "interrupted"
+
+
+def test_a_second_ctrl_c_while_last_pt_is_written_still_saves_it(tiny_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import torch
+
+    import utils.checkpoint
+    from conftest import interrupted_in_epoch
+
+    real = utils.checkpoint.atomic_torch_save
+
+    def impatient(payload, path):
+        if payload.get("interrupted"):
+            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again
+        real(payload, path)
+
+    monkeypatch.setattr(utils.checkpoint, "atomic_torch_save", impatient)
+    out = tmp_path / "runs"
+    with interrupted_in_epoch(monkeypatch, 2):
+        result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(out), *TINY_ARGS)
+    assert result.returncode == 130 and "interrupted during epoch 2; saved" in result.stderr, result.stderr
+    (run_dir,) = out.iterdir()
+    assert torch.load(run_dir / "last.pt", weights_only=True)["interrupted"] is True
+    assert state_of(run_dir)["state"] == "interrupted"
+
+
+def test_a_full_disk_while_last_pt_is_written_is_one_line_and_keeps_the_older_checkpoints(tiny_data, tmp_path,
+                                                                                          monkeypatch):
+    import errno
+
+    import torch
+
+    import utils.checkpoint
+
+    real, writes = utils.checkpoint.atomic_torch_save, []
+
+    def full_disk(payload, path):
+        writes.append(Path(path).name)
+        if payload["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(payload, path)
+
+    monkeypatch.setattr(utils.checkpoint, "atomic_torch_save", full_disk)
+    out = tmp_path / "runs"
+    result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(out), *TINY_ARGS,
+                      "--patience", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "free space" in lines[0]
+    (run_dir,) = out.iterdir()
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert state_of(run_dir)["state"] == "failed"
+
+
+def test_data_workers_that_die_mid_run_save_last_pt_and_name_the_fix(tiny_data, tmp_path, monkeypatch):
+    import torch
+
+    import utils.train
+
+    real = utils.train.train_one_epoch
+
+    def bus_error(*args, **kwargs):
+        if args[7] == 2:
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that "
+                               "dataloader's workers are out of shared memory. Please try to raise your shared "
+                               "memory limit.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.train, "train_one_epoch", bus_error)
+    out = tmp_path / "runs"
+    result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(out), *TINY_ARGS)
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert "out of shared memory" in result.stderr and "--num_workers 0" in result.stderr and "--shm-size" in result.stderr
+    (run_dir,) = out.iterdir()
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert state_of(run_dir)["state"] == "interrupted"
+
+
+def test_sigint_to_the_process_group_with_loader_workers_saves_and_says_so(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import interactive_signals
+
+    data = make_dataset(tmp_path / "data", train_per_class=40, test_per_class=2)
+    args = [sys.executable, str(ROOT / "trainA.py"), "--data_dir", str(data), "-e", "200", "--output_dir",
+            str(tmp_path / "runs"), *TINY_ARGS, "-b", "2", "--patience", "0", "--cache", "off"]
+    args[args.index("--num_workers") + 1] = "2"
+
+    def own_group():
+        interactive_signals()
+        os.setpgrp()  # a terminal's job: the signal reaches the workers too
+
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=own_group)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/200"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted during epoch" in err and "nothing to keep" not in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run_dir / "last.pt", weights_only=True)["interrupted"] is True
+    assert state_of(run_dir)["state"] == "interrupted"
+
+
+@pytest.mark.parametrize("layout", ["zip", "download"])
+def test_a_read_only_place_for_the_lock_is_one_line_naming_the_folder(tmp_path, monkeypatch, layout):
+    import errno
+    import shutil
+
+    import filelock
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(filelock.BaseFileLock, "acquire", read_only)
+    if layout == "zip":
+        data = make_dataset(tmp_path / "share" / "nature")
+        target = Path(shutil.make_archive(str(tmp_path / "share" / "nature"), "zip", data))
+        shutil.rmtree(data)
+        needle = "unzip"
+    else:
+        target, needle = tmp_path / "share" / "nature_12K", "pass a --data_dir in a folder you can write to"
+    result = run_main("trainA.py", "--data_dir", str(target), "--download", "true", "--data_url",
+                      "http://127.0.0.1:9/none.zip", *TINY_ARGS)
+    assert_one_line_error(result, f"cannot write in '{tmp_path / 'share'}' (Read-only file system)", needle)

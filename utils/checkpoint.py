@@ -103,6 +103,10 @@ class FitState:
     last_metrics: dict = field(default_factory=dict)
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, say); what was written before is intact."""
+
+
 @dataclass
 class CheckpointWriter:
     """best.pt (weights: the average with EMA) and last.pt (everything a resume needs), written by
@@ -133,7 +137,12 @@ class CheckpointWriter:
                 payload.update(ema=ema.state_dict())
             if rng_ranks is not None:
                 payload.update(rng_ranks=rng_ranks)
-        atomic_torch_save(payload, self.run_dir / name)
+        try:
+            atomic_torch_save(payload, self.run_dir / name)
+        except OSError as error:  # a full disk or a vanished folder: the older checkpoints are intact
+            raise CheckpointWriteError(f"could not write {name} in {self.run_dir} ({error.strerror or error}); the "
+                                       f"checkpoints written before are kept; free space and resume from last.pt"
+                                       ) from None
 
 
 def restore_training_state(checkpoint: dict, model: nn.Module, optimizer, scheduler,

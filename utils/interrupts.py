@@ -43,3 +43,21 @@ def interrupts_deferred():
             signal.signal(s, handler)
         if received:
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def last_words():
+    """The save after an interrupt: a second Ctrl-C or SIGTERM waits until it is written (the
+    run is stopping anyway), and DataLoader workers dying of the same signal do not abort it
+    (torch's SIGCHLD handler raises RuntimeError in the main process when a worker exits)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGCHLD] if hasattr(signal, "SIGCHLD") else [])
+    previous = {s: signal.signal(s, signal.SIG_IGN if s != getattr(signal, "SIGCHLD", None) else signal.SIG_DFL)
+                for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -7,6 +7,7 @@ Under torchrun every rank runs this; rank 0 alone prints, logs and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,10 +33,10 @@ from .optim import build_optimizer, build_scheduler
 from .rundir import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
 from .runtime import make_precision, prepare_model, seed_everything
 from .tracking import Tracker
-from .checkpoint import FitState, restore_training_state
+from .checkpoint import CheckpointWriteError, FitState, restore_training_state
 from .runtime import Precision
 from .evaluation import evaluate
-from .train import DistContext, NonFiniteLoss, Optimisation, TrainingInterrupted, fit
+from .train import DataWorkersDied, DistContext, NonFiniteLoss, Optimisation, TrainingInterrupted, fit
 
 
 @dataclass
@@ -102,6 +103,15 @@ def _live(run: Run, run_name: str, summary_text, resume: str, after_test, lr_fin
     if run.recipe.init_from_data is not None and run.checkpoint is None:
         run.say(run.recipe.init_from_data(model, data, run.precision))
     run_dir = open_run_dir(run, run_name, resume)
+    try:
+        return _in_run_dir(run, run_dir, model, data, run_name, summary_text, after_test, lr_find_steps)
+    except KeyboardInterrupt:  # outside the epochs (fit() saves and reports its own)
+        return interrupted_between_steps(run, run_dir)
+
+
+def _in_run_dir(run: Run, run_dir: Path, model: nn.Module, data: RunData, run_name: str, summary_text, after_test,
+                lr_find_steps: int) -> int:
+    cfg, main = run.cfg, run.dist.is_main
     if summary_text is not None and main:  # the model that trains, with the data's class count
         text = summary_text(model)
         print(text)
@@ -213,12 +223,36 @@ def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, stat
         tracker.log_summary({"diverged": True})
         tracker.finish(exit_code=EXIT_DIVERGED)
         return EXIT_DIVERGED
-    except TrainingInterrupted as interrupt:
+    except (TrainingInterrupted, DataWorkersDied) as interrupt:
         if main:
             print(f"\n{interrupt}; continue with: python {script}.py --resume {interrupt.checkpoint}", file=sys.stderr)
-            write_state(run_dir, "interrupted", epoch=interrupt.epoch)
+            write_state(run_dir, "interrupted", epoch=interrupt.epoch, reason=str(interrupt))
         tracker.finish(exit_code=EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
+    except CheckpointWriteError as error:
+        if main:
+            print(f"{script}.py: error: {error}", file=sys.stderr)
+            with contextlib.suppress(OSError):  # the same full disk may refuse state.json too
+                write_state(run_dir, "failed", reason=str(error))
+        tracker.finish(exit_code=EXIT_DIVERGED)
+        return EXIT_DIVERGED
+
+
+def interrupted_between_steps(run: Run, run_dir: Path) -> int:
+    """Ctrl-C outside the epochs (setting up, the final test, the pictures, or a second Ctrl-C
+    while last.pt was written): say what is kept, and leave state.json saying so."""
+    if run.dist.is_main:
+        script = run.recipe.script
+        kept = [name for name in ("best.pt", "last.pt", "test_metrics.json") if (run_dir / name).is_file()]
+        if "last.pt" in kept:
+            how = (f"{', '.join(kept)} kept in {run_dir}; test it with: python {script}.py --test_only --checkpoint "
+                   f"{run_dir / 'best.pt'}, or continue with --resume {run_dir / 'last.pt'}")
+        else:
+            how = f"no epoch had finished, so nothing was kept in {run_dir}"
+        print(f"\n{script}.py: interrupted; {how}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            write_state(run_dir, "interrupted", reason=f"interrupted outside training; kept: {', '.join(kept) or 'nothing'}")
+    return EXIT_INTERRUPTED
 
 
 def test_best(run: Run, model: nn.Module, data: RunData, run_dir: Path, tracker: Tracker, after_test) -> int:

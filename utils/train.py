@@ -3,6 +3,7 @@ AMP, checkpoints, early stopping, Ctrl-C and NaN handling."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointWriter, FitState
 from .ema import WeightEMA
 from .evaluation import evaluate
-from .interrupts import sigterm_as_interrupt
+from .interrupts import last_words, sigterm_as_interrupt
 from .runtime import Precision
 
 LOG_EVERY = 20  # steps between progress-bar refreshes; each refresh is one host-device sync
@@ -25,6 +26,31 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, epoch: int, step: int):
         super().__init__(f"loss became NaN/inf at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
+
+
+class DataWorkersDied(Exception):
+    """DataLoader workers were killed (most often: out of shared memory); last.pt was saved."""
+
+    def __init__(self, error: RuntimeError, checkpoint: Path, epoch: int):
+        shm = shared_memory_mib()
+        reason = (f"out of shared memory (/dev/shm holds {shm} MiB)" if "shared memory" in str(error) or
+                  (shm is not None and shm < 1024) else " ".join(str(error).split())[:120])
+        super().__init__(f"data loading workers died in epoch {epoch}: {reason}; saved {checkpoint}; resume with "
+                         "--num_workers 0, or give the container more shared memory (docker run --shm-size=2g)")
+        self.checkpoint, self.epoch = checkpoint, epoch
+
+
+def is_worker_death(error: RuntimeError) -> bool:
+    text = str(error)
+    return "DataLoader worker" in text or "shared memory" in text
+
+
+def shared_memory_mib() -> int | None:
+    try:
+        stats = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return stats.f_blocks * stats.f_frsize // 2**20
 
 
 class TrainingInterrupted(Exception):
@@ -167,8 +193,15 @@ def fit(model: nn.Module, train_loader, val_loader, opt: Optimisation, *, epochs
         except KeyboardInterrupt:
             # Keep what was trained: the weights and optimizer as they are now. Resuming
             # restarts this epoch from them.
-            writer.save("last.pt", state, full=True, interrupted=True)
+            with last_words():
+                writer.save("last.pt", state, full=True, interrupted=True)
             raise TrainingInterrupted(run_dir / "last.pt", epoch) from None
+        except RuntimeError as error:
+            if not is_worker_death(error):
+                raise
+            with last_words():
+                writer.save("last.pt", state, full=True, interrupted=True)
+            raise DataWorkersDied(error, run_dir / "last.pt", epoch) from None
     return state
 
 
