@@ -84,23 +84,36 @@ def list_classes(split_dir: Path) -> list[str]:
     return sorted(e.name for e in _scandir(split_dir) if not e.name.startswith(".") and _entry_is(e, "dir"))
 
 
+def class_key(class_names: list[str]):
+    """How a test folder's class subfolders are matched to train/'s names. A name written on
+    macOS (NFD: "e" + a combining accent) and elsewhere (NFC: one "é") is one class; so is a
+    name whose case a FAT/NTFS copy changed, unless train/ itself has names differing only in
+    case."""
+    def nfc(name: str) -> str:
+        return unicodedata.normalize("NFC", name)
+
+    folded = {nfc(name).casefold() for name in class_names}
+    if len(folded) == len(set(class_names)):
+        return lambda name: nfc(name).casefold()
+    return nfc
+
+
 def scan_split(split_dir: Path, class_names: list[str] | None = None) -> tuple[list[str], list[Sample]]:
     """List (path, label) for every image file under split_dir/<class>/, in sorted order.
 
     With class_names given (the test folder), the folder's classes must match them exactly.
     """
     found = list_classes(split_dir)
-    # A name written on macOS (NFD: "e" + combining accent) and the same name written elsewhere
-    # (NFC: one "é") are one class: folders are matched by their normalised names.
-    folder_of = {unicodedata.normalize("NFC", name): name for name in found}
     if class_names is None:
         class_names = found
         if not class_names:
             raise DatasetError(f"'{split_dir}' has no class subfolders; put each class's images in {split_dir}/<class>/")
-    elif sorted(folder_of) != sorted(unicodedata.normalize("NFC", name) for name in class_names):
-        wanted = {unicodedata.normalize("NFC", name) for name in class_names}
-        missing = sorted(wanted - set(folder_of))
-        extra = sorted(set(folder_of) - wanted)
+    key = class_key(class_names)
+    folder_of = {key(name): name for name in found}
+    if sorted(folder_of) != sorted(key(name) for name in class_names) or len(folder_of) != len(found):
+        wanted = {key(name) for name in class_names}
+        missing = sorted(name for name in class_names if key(name) not in folder_of)
+        extra = sorted(name for name in found if key(name) not in wanted)
         parts = []
         if missing:
             parts.append(f"missing {', '.join(missing)}")
@@ -112,7 +125,7 @@ def scan_split(split_dir: Path, class_names: list[str] | None = None) -> tuple[l
         )
     samples: list[Sample] = []
     for label, name in enumerate(class_names):
-        class_dir = split_dir / folder_of.get(unicodedata.normalize("NFC", name), name)
+        class_dir = split_dir / folder_of.get(key(name), name)
         files = sorted(e.path for e in _scandir(class_dir) if is_image_file(e.name) and _entry_is(e, "file"))
         if not files:
             raise DatasetError(
