@@ -40,24 +40,30 @@ def compute_features(extract: Callable, loader, precision: Precision) -> tuple[t
     return torch.cat(features), torch.cat(labels)
 
 
+def feature_batches(extract: Callable, train_loader, val_loader, precision: Precision, batch_size: int,
+                    seed: int) -> tuple[FeatureBatches, FeatureBatches]:
+    """Features of every train image (unshuffled, none dropped) and every val image, computed once."""
+    train = FeatureBatches(*compute_features(extract, in_order(train_loader), precision), batch_size, True, seed)
+    return train, FeatureBatches(*compute_features(extract, val_loader, precision), batch_size, False, seed)
+
+
 def feature_inputs(split: Callable, model: nn.Module, train_loader, val_loader, precision: Precision,
-                   batch_size: int, seed: int, compile_asked: bool, say: Callable) -> FitInputs:
-    """split(model) -> (extract, head). Every train image (unshuffled, none dropped) and every
-    val image gets its features once; the head then trains in fp32 (it is tiny)."""
+                   batch_size: int, seed: int, compile_asked: bool, say: Callable,
+                   computed: tuple | None = None) -> FitInputs:
+    """split(model) -> (extract, head). The head trains in fp32 (it is tiny) on features of the
+    frozen backbone: computed here, or the ones --probe_epochs already computed."""
     extract, head = split(model)
     started = time.perf_counter()
-    train = FeatureBatches(*compute_features(extract, in_order(train_loader), precision), batch_size, True, seed)
-    val = FeatureBatches(*compute_features(extract, val_loader, precision), batch_size, False, seed)
+    train, val = computed or feature_batches(extract, train_loader, val_loader, precision, batch_size, seed)
     if compile_asked:
         say("--compile: not applied, the feature cache trains only the head (one small layer)")
-    say(f"frozen features of {len(train.labels) + len(val.labels)} images computed once in "
-        f"{time.perf_counter() - started:.1f}s; epochs now train the head only")
+    when = "reused from the probe" if computed else f"computed once in {time.perf_counter() - started:.1f}s"
+    say(f"frozen features of {len(train.labels) + len(val.labels)} images {when}; epochs now train the head only")
     # A feature vector has no mirror image: no flip TTA on features (the test, on images, uses --tta).
     return FitInputs(head, train, val, Precision(precision.device), "none")
 
 
-def probe_head(split: Callable, model: nn.Module, train_loader, val_loader, precision: Precision, cfg,
-               num_classes: int) -> str:
+def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cfg) -> str:
     """LP-FT's first half (Kumar et al., ICLR 2022): before fine-tuning, train the new head alone
     on features of the frozen pretrained backbone, computed once, for cfg.probe_epochs cheap
     passes, at cfg.probe_lr with the run's optimizer and schedule. A random head's large gradients in the
@@ -68,9 +74,8 @@ def probe_head(split: Callable, model: nn.Module, train_loader, val_loader, prec
 
     extract, head = split(model)
     started = time.perf_counter()
-    train = FeatureBatches(*compute_features(extract, in_order(train_loader), precision), cfg.batch_size, True,
-                           cfg.seed)
-    val = FeatureBatches(*compute_features(extract, val_loader, precision), cfg.batch_size, False, cfg.seed)
+    train, val = feature_batches(extract, data.loaders[0], data.loaders[1], precision, cfg.batch_size, cfg.seed)
+    data.features = (train, val)
     optimizer = build_optimizer(split_decay(head.named_parameters(), cfg.probe_lr, cfg.weight_decay), cfg.optimizer,
                                 cfg.probe_lr, cfg.momentum)
     steps = cfg.probe_epochs * len(train)
@@ -82,7 +87,7 @@ def probe_head(split: Callable, model: nn.Module, train_loader, val_loader, prec
         train.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
         stats = train_one_epoch(head, train, optimizer, scheduler, scaler, loss_fn, head_precision, epoch,
                                 show_progress=False)
-    result = evaluate(head, val, head_precision, num_classes, desc="probe val", show_progress=False)
+    result = evaluate(head, val, head_precision, len(data.class_names), desc="probe val", show_progress=False)
     return (f"probe: the head trained alone for {cfg.probe_epochs} epochs on frozen features of "
             f"{len(train.labels)} train images ({time.perf_counter() - started:.1f}s): train_accuracy "
-            f"{stats.accuracy:.4f}, val_accuracy {result.accuracy:.4f}; now every epoch trains on images")
+            f"{stats.accuracy:.4f}, val_accuracy {result.accuracy:.4f}")

@@ -28,6 +28,9 @@ class RunData:
     test_set: NatureData
     loaders: tuple  # train, val, test
     num_workers: int
+    # trainB's frozen-backbone features of the train and val images (FeatureBatches), once
+    # computed for --probe_epochs: the feature cache reuses them instead of computing them again
+    features: tuple | None = None
 
     @property
     def class_names(self) -> list[str]:

@@ -193,7 +193,7 @@ def fit_inputs(run: Run, model: nn.Module, trained: nn.Module, data: RunData) ->
     if run.recipe.feature_cache is None or run.dist.enabled:
         return FitInputs(trained, train_loader, val_loader, run.precision, run.cfg.tta)
     return feature_inputs(run.recipe.feature_cache, model, train_loader, val_loader, run.precision,
-                          run.cfg.batch_size, run.cfg.seed, run.cfg.compile, run.say)
+                          run.cfg.batch_size, run.cfg.seed, run.cfg.compile, run.say, data.features)
 
 
 def dist_context(dist: DistInfo) -> DistContext:
