@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .autoaugment import BatchPolicy
 from .transforms import AugmentSpec
 
 
@@ -23,7 +24,7 @@ class BatchAugment:
     """uint8 (B, 3, S, S) -> normalised float (B, 3, image_size, image_size).
 
     Train: random resized crop and horizontal flip in one grid_sample, the auto-augment policy
-    (per image), brightness/contrast/saturation jitter, random erasing; eval: center crop. The
+    (per image, batched), brightness/contrast/saturation jitter, random erasing; eval: center crop. The
     strengths come from the one AugmentSpec the streaming transforms read too.
 
     Every per-image random number is drawn at once from a CPU generator (so a seed fixes them on
@@ -39,7 +40,7 @@ class BatchAugment:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._mean, self._std = tuple(mean), tuple(std)
         self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self._policy = spec.policy()
+        self._policy = BatchPolicy(spec.auto_augment) if spec.auto_augment != "none" else None
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """mean, std and the gray weights on `device`, made once per device."""
@@ -92,13 +93,10 @@ class BatchAugment:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     def _auto_augment(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        """torchvision's policy on each image (as uint8, like the streaming path), its random
-        choices seeded from the batch's generator so runs and resumes repeat them."""
+        """torchvision's policy, batched (data.autoaugment), on the images as uint8 like the
+        streaming path; its draws come from the batch's generator so runs and resumes repeat them."""
         images = x.mul(255).round_().to(torch.uint8)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = torch.stack([self._policy(image) for image in images])
-        return out.float().div_(255)
+        return self._policy(images, torch.Generator().manual_seed(seed)).float().div_(255)
 
     def _jitter(self, x: torch.Tensor, u, gray_weights: torch.Tensor) -> torch.Tensor:
         """Brightness b, contrast c and saturation s, folded into one pass: with g the per-pixel

@@ -1,0 +1,186 @@
+"""torchvision's TrivialAugmentWide and RandAugment on a whole uint8 batch at once, on its device.
+
+torchvision draws one operation and magnitude per call, so applying its policy to a batch costs
+one small call per image (64 per batch; on a GPU, some of them wait for it). Here every image's
+operations, magnitudes and signs are drawn up front from one generator, then each operation runs
+once over the images that drew it, with per-image parameters as tensors. The spaces (operations,
+magnitude bins, signs) are torchvision's; so is each operation's arithmetic, and the tests hold
+every operation's output to torchvision's on the same image and magnitude, within uint8 rounding.
+
+    >>> policy = BatchPolicy("trivialwide")
+    >>> out = policy(images_uint8, torch.Generator().manual_seed(0))   # (N, 3, H, W) uint8
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's luma weights for Color and Contrast
+
+
+def magnitude_table(policy: str, bins: int, height: int, width: int) -> torch.Tensor:
+    """(len(OPS), bins) float64: torchvision's magnitude of each operation at each bin (0 where
+    an operation takes none), computed as torchvision computes it (float32 linspace)."""
+    wide = policy == "trivialwide"
+    shear, strength, rotate = (0.99, 0.99, 135.0) if wide else (0.3, 0.9, 30.0)
+    translate_x, translate_y = (32.0, 32.0) if wide else (150.0 / 331.0 * width, 150.0 / 331.0 * height)
+    posterize_step = 6 if wide else 4
+    values = {"ShearX": torch.linspace(0.0, shear, bins), "ShearY": torch.linspace(0.0, shear, bins),
+              "TranslateX": torch.linspace(0.0, translate_x, bins), "TranslateY": torch.linspace(0.0, translate_y, bins),
+              "Rotate": torch.linspace(0.0, rotate, bins),
+              "Posterize": (8 - (torch.arange(bins) / ((bins - 1) / posterize_step))).round().int(),
+              "Solarize": torch.linspace(1.0, 0.0, bins)}
+    for name in ("Brightness", "Color", "Contrast", "Sharpness"):
+        values[name] = torch.linspace(0.0, strength, bins)
+    table = torch.zeros(len(OPS), bins, dtype=torch.float64)
+    for index, name in enumerate(OPS):
+        if name in values:
+            table[index] = values[name].double()
+    return table
+
+
+class BatchPolicy:
+    """trivialwide: one operation per image, its magnitude bin uniform over 31; randaugment: two
+    operations per image in turn, at bin 9 of 31 (torchvision's defaults). Signed magnitudes are
+    negated with probability 1/2."""
+
+    def __init__(self, policy: str, num_magnitude_bins: int = 31, num_ops: int = 2, magnitude: int = 9):
+        if policy not in ("trivialwide", "randaugment"):
+            raise ValueError(f"policy={policy!r}; choose trivialwide or randaugment")
+        self.policy, self.bins = policy, num_magnitude_bins
+        self.rounds = 1 if policy == "trivialwide" else num_ops
+        self.magnitude = magnitude
+        self._signed = torch.tensor([name in SIGNED for name in OPS])
+
+    def draw(self, count: int, height: int, width: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rounds, count) operation indices and float64 magnitudes, drawn on the CPU."""
+        table = magnitude_table(self.policy, self.bins, height, width)
+        ops = torch.randint(len(OPS), (self.rounds, count), generator=generator)
+        if self.policy == "trivialwide":
+            bins = torch.randint(self.bins, (self.rounds, count), generator=generator)
+        else:
+            bins = torch.full((self.rounds, count), self.magnitude)
+        negative = (torch.rand(self.rounds, count, generator=generator) <= 0.5) & self._signed[ops]
+        magnitudes = table[ops, bins]
+        return ops, torch.where(negative, -magnitudes, magnitudes)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        ops, magnitudes = self.draw(images.shape[0], images.shape[-2], images.shape[-1], generator)
+        out = images.clone()
+        for round_ops, round_magnitudes in zip(ops, magnitudes):
+            for index in round_ops.unique().tolist():
+                if OPS[index] == "Identity":
+                    continue
+                chosen = (round_ops == index).nonzero().flatten()
+                where = chosen.to(images.device)
+                out[where] = apply_op(OPS[index], out[where], round_magnitudes[chosen])
+        return out
+
+
+def apply_op(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """One operation on uint8 images (N, C, H, W), image i at magnitudes[i] (float64, on the CPU)."""
+    device = images.device
+    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+        return _geometric(name, images, magnitudes)
+    if name == "AutoContrast":
+        return TF.autocontrast(images)
+    if name == "Equalize":
+        return TF.equalize(images)
+    if name == "Posterize":
+        bits = magnitudes.long()
+        masks = torch.where(bits >= 8, 255, ((1 << bits) - 1) << (8 - bits.clamp(max=8))).to(torch.uint8)
+        return images & masks.to(device).view(-1, 1, 1, 1)
+    if name == "Solarize":
+        threshold = (255.0 * magnitudes).float().to(device).view(-1, 1, 1, 1)
+        return torch.where(images >= threshold, 255 - images, images)
+    factor = (1.0 + magnitudes)
+    if name == "Sharpness":
+        return _sharpen(images, factor)
+    ratio = factor.float().to(device).view(-1, 1, 1, 1)
+    rest = (1.0 - factor).float().to(device).view(-1, 1, 1, 1)
+    if name == "Brightness":
+        return images.mul(ratio).clamp_(0, 255).to(torch.uint8)
+    r, g, b = images.unbind(-3)
+    gray = r.mul(GRAY[0]).add_(g, alpha=GRAY[1]).add_(b, alpha=GRAY[2]).unsqueeze(-3).floor_()
+    if name == "Contrast":
+        gray = gray.mean(dim=(-3, -2, -1), keepdim=True)
+    return images.mul(ratio).add_(gray * rest).clamp_(0, 255).to(torch.uint8)  # Color blends with gray
+
+
+def _sharpen(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_sharpness: the inner pixels blended with a 3x3 smoothing (centre 5/13)."""
+    if images.shape[-1] <= 2 or images.shape[-2] <= 2:
+        return images
+    channels = images.shape[-3]
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device).expand(channels, 1, 3, 3)
+    out = images.to(torch.float32)
+    blurred = F.conv2d(out, kernel, groups=channels).round_()
+    inner = out[..., 1:-1, 1:-1]
+    inner.add_(blurred.sub_(inner).mul_((1.0 - factor).float().to(images.device).view(-1, 1, 1, 1)))
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _geometric(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """Shear, translate and rotate by nearest sampling of one grid per image, built the way
+    torchvision builds its one grid (inverse affine matrix in float64, grid in float32)."""
+    count, _, height, width = images.shape
+    zero = torch.zeros(count, dtype=torch.float64)
+    angle, shear_x, shear_y, move_x, move_y = zero, zero, zero, zero, zero
+    center_x, center_y = 0.0, 0.0
+    if name == "ShearX":
+        shear_x, (center_x, center_y) = torch.atan(magnitudes), (-0.5 * width, -0.5 * height)
+    elif name == "ShearY":
+        shear_y, (center_x, center_y) = torch.atan(magnitudes), (-0.5 * width, -0.5 * height)
+    elif name == "TranslateX":
+        move_x = magnitudes.trunc()
+    elif name == "TranslateY":
+        move_y = magnitudes.trunc()
+    else:  # rotate() turns the other way than affine()
+        angle = -torch.deg2rad(torch.remainder(magnitudes, 360.0))
+    theta = _inverse_affine(angle, shear_x, shear_y, move_x, move_y, center_x, center_y).float().to(images.device)
+    base_x = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=images.device)
+    base_y = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=images.device)
+    base = torch.stack([base_x.expand(height, width), base_y.unsqueeze(-1).expand(height, width),
+                        torch.ones(height, width, device=images.device)], -1).view(1, height * width, 3)
+    scale = torch.tensor([0.5 * width, 0.5 * height], device=images.device)
+    grid = base.expand(count, -1, -1).bmm(theta.transpose(1, 2) / scale).view(count, height, width, 2)
+    out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    out = out.round_().to(torch.uint8)
+    if name == "Rotate":  # torchvision turns by multiples of 90 degrees exactly, without a grid
+        turns = torch.remainder(magnitudes, 360.0)
+        for quarter in (0, 1, 2, 3):
+            exact = (turns == 90.0 * quarter).nonzero().flatten().to(images.device)
+            if len(exact) and (quarter % 2 == 0 or height == width):
+                out[exact] = torch.rot90(images[exact], k=quarter, dims=(-2, -1))
+    return out
+
+
+def _inverse_affine(angle, shear_x, shear_y, move_x, move_y, center_x: float, center_y: float) -> torch.Tensor:
+    """(N, 2, 3) float64: torchvision's _get_inverse_affine_matrix (scale 1) for each image;
+    angles and shears in radians."""
+    cos_y = torch.cos(shear_y)
+    a = torch.cos(angle - shear_y) / cos_y
+    b = -torch.cos(angle - shear_y) * torch.tan(shear_x) / cos_y - torch.sin(angle)
+    c = torch.sin(angle - shear_y) / cos_y
+    d = -torch.sin(angle - shear_y) * torch.tan(shear_x) / cos_y + torch.cos(angle)
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = m0 * (-center_x - move_x) + m1 * (-center_y - move_y) + center_x
+    m5 = m3 * (-center_x - move_x) + m4 * (-center_y - move_y) + center_y
+    return torch.stack([m0, m1, m2, m3, m4, m5], 1).view(-1, 2, 3)
+
+
+def reference_op(name: str, image: torch.Tensor, magnitude: float) -> torch.Tensor:
+    """torchvision's own operation on one uint8 image (for tests and benchmarks)."""
+    from torchvision.transforms.v2 import TrivialAugmentWide
+
+    policy = TrivialAugmentWide()
+    return policy._apply_image_or_video_transform(image, name, magnitude, policy.interpolation, policy._fill)

@@ -1,0 +1,97 @@
+"""The batched auto-augment policies against torchvision's own, operation by operation and in
+distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from data.autoaugment import OPS, BatchPolicy, apply_op, magnitude_table, reference_op
+
+
+def photo_like(count: int, size: int = 48, seed: int = 0) -> torch.Tensor:
+    """Smooth colour fields with edges and noise: every operation has something to change."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(count, 3, 6, 6, generator=g)
+    smooth = torch.nn.functional.interpolate(low, size=(size, size + 8), mode="bilinear", align_corners=False)
+    noisy = smooth * 0.8 + torch.rand(count, 3, size, size + 8, generator=g) * 0.2
+    return (noisy * 255).round().to(torch.uint8)
+
+
+MAGNITUDES = [-0.6, -0.2, 0.0, 0.35, 0.9]
+
+
+@pytest.mark.parametrize("name", [op for op in OPS if op != "Identity"])
+def test_each_operation_matches_torchvision_within_uint8_rounding(name):
+    images = photo_like(len(MAGNITUDES) * 2)
+    table = magnitude_table("trivialwide", 31, images.shape[-2], images.shape[-1])[OPS.index(name)]
+    if name in ("TranslateX", "TranslateY", "Rotate", "Posterize", "Solarize"):
+        picks = table[torch.tensor([0, 7, 15, 20, 30])]  # bins of the real space (rotation 90 included)
+        magnitudes = torch.cat([picks, -picks if name not in ("Posterize", "Solarize") else picks])
+    else:
+        magnitudes = torch.tensor(MAGNITUDES + [-m for m in MAGNITUDES], dtype=torch.float64)
+    ours = apply_op(name, images, magnitudes)
+    theirs = torch.stack([reference_op(name, image, float(m)) for image, m in zip(images, magnitudes)])
+    difference = (ours.int() - theirs.int()).abs()
+    assert ours.dtype == torch.uint8 and ours.shape == images.shape
+    assert (difference <= 1).float().mean() >= 0.999, (name, difference.max(), (difference > 1).sum())
+    changed = [not torch.equal(t, i) for t, i in zip(theirs, images)]
+    assert sum(changed) >= len(images) // 2, (name, changed)  # the comparison is not of untouched images
+
+
+@pytest.mark.parametrize("policy", ["trivialwide", "randaugment"])
+def test_operations_and_magnitudes_are_drawn_as_torchvision_draws_them(policy, monkeypatch):
+    """What torchvision's own policy picks over many calls against our draws: the same
+    operations, the same magnitudes, uniform over both and over the sign."""
+    reference = v2.TrivialAugmentWide() if policy == "trivialwide" else v2.RandAugment()
+    seen = []
+    monkeypatch.setattr(type(reference), "_apply_image_or_video_transform",
+                        lambda self, image, name, magnitude, **kw: seen.append((name, round(magnitude, 4))) or image)
+    image = torch.zeros(3, 40, 48, dtype=torch.uint8)
+    torch.manual_seed(0)
+    for _ in range(3000):
+        reference(image)
+    ops, magnitudes = BatchPolicy(policy).draw(3000, 40, 48, torch.Generator().manual_seed(0))
+    ours = [(OPS[o], round(float(m), 4)) for o, m in zip(ops.flatten().tolist(), magnitudes.flatten().tolist())]
+    assert set(ours) <= set(p for p in _space(reference, 40, 48))
+    assert {name for name, _ in seen} == {name for name, _ in ours} == set(OPS)
+    signed = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+              "Sharpness")
+    for sample in (seen, ours):
+        counts = torch.tensor([sum(1 for name, _ in sample if name == op) for op in OPS], dtype=torch.float)
+        expected = len(sample) / len(OPS)
+        assert ((counts - expected).abs() < 5 * math.sqrt(expected)).all(), counts
+        moved = [m for name, m in sample if name in signed and m != 0]
+        share = sum(1 for m in moved if m < 0) / len(moved)
+        assert abs(share - 0.5) < 5 * math.sqrt(0.25 / len(moved)), share
+    if policy == "trivialwide":  # magnitude bins uniform: the mean |shear| is the table's mean
+        shears = [abs(m) for name, m in ours if name == "ShearX"]
+        assert abs(sum(shears) / len(shears) - 0.495) < 0.05
+
+
+def _space(reference, height, width):
+    """Every (operation, magnitude) the torchvision policy can produce."""
+    pairs = []
+    for name, (magnitudes_fn, signed) in reference._AUGMENTATION_SPACE.items():
+        values = magnitudes_fn(31, height, width)
+        if values is None:
+            pairs.append((name, 0.0))
+            continue
+        chosen = values if isinstance(reference, v2.TrivialAugmentWide) else values[reference.magnitude:reference.magnitude + 1]
+        for value in chosen.tolist():
+            pairs.append((name, round(float(value), 4)))
+            if signed:
+                pairs.append((name, round(-float(value), 4)))
+    return pairs
+
+
+def test_the_same_generator_seed_gives_the_same_batch():
+    images = photo_like(16)
+    policy = BatchPolicy("randaugment")
+    first = policy(images, torch.Generator().manual_seed(5))
+    again = policy(images, torch.Generator().manual_seed(5))
+    other = policy(images, torch.Generator().manual_seed(6))
+    assert torch.equal(first, again) and not torch.equal(first, other)
