@@ -38,21 +38,22 @@ class ConfigB(TrainConfig):
     arch: str = "resnet50"
     weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name, none, or a file
     norm: str = "auto"  # input normalisation: the weights' own (auto), imagenet, half (mean = std = 0.5)
-    strategy: str = "gradual"
+    strategy: str = "full"  # after the probe: LP-FT (docs/part_b.md has the measurements)
     freeze_upto: str = "layer2"  # used by --strategy freeze_upto
     head: str = "linear"
     head_hidden: int = 512
     head_dropout: float = 0.0
     head_epochs: int = 2  # gradual: epochs with only the head training
-    probe_epochs: int = 0  # passes of the head alone over cached frozen features before the first epoch
+    probe_epochs: int = 100  # passes of the head alone over cached frozen features before the first epoch
     probe_lr: float = 1e-3  # peak lr of those passes
-    freeze_bn: bool = False  # every BatchNorm keeps its pretrained statistics (eval mode) while training
+    freeze_bn: bool = True  # every BatchNorm keeps its pretrained statistics (eval mode) while training
     feature_cache: str = "auto"  # freeze_all: train the head on backbone features computed once
     backbone_lr: float = 1e-4  # peak lr of the unfrozen backbone
     lr_decay: float = 1.0  # backbone stage k from the top gets backbone_lr * lr_decay**k
-    # overrides of the shared defaults: fine-tuning converges in fewer epochs
-    epochs: int = 10
-    lr: float = 1e-3
+    # overrides of the shared defaults: after the probe, a few gentle epochs (head and backbone
+    # at the same low rate) are what fine-tuning needs
+    epochs: int = 4
+    lr: float = 1e-4
     weight_decay: float = 0.01
     patience: int = 5
     wandb_project: str = "inat12k-partB"
@@ -174,7 +175,8 @@ def run_name(cfg: ConfigB) -> str:
     strategy = f"freeze_upto_{cfg.freeze_upto}" if cfg.strategy == "freeze_upto" else cfg.strategy
     head = cfg.head if cfg.head == "linear" else f"mlp{cfg.head_hidden}"
     backbone = "" if cfg.strategy == "freeze_all" else f"-blr{cfg.backbone_lr:g}"
-    return f"{cfg.arch}-{strategy}-{head}-lr{cfg.lr:g}{backbone}"
+    probe = f"-probe{cfg.probe_epochs}" if cfg.probe_epochs else ""
+    return f"{cfg.arch.replace('/', '_')}-{strategy}-{head}{probe}-lr{cfg.lr:g}{backbone}"
 
 
 def inputs(cfg: ConfigB) -> Preprocessing:
@@ -279,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           after_test=pictures_maker(cfg, guided=False) if cfg.pictures else None, summary_text=describe)
 
 
-SPEC = ScriptSpec("trainB", get_args_parser, config_from_args, config_from_checkpoint, check_config, build_model,
+SPEC = ScriptSpec("trainB", get_args_parser, config_from_args, config_from_checkpoint, check_config, build_structure,
                   run_name, rebuild_from_checkpoint, SHAPE_FIELDS)
 
 

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         batched = BatchPolicy(name)
         old = timed(lambda: per_image(reference, images, 0), args.repeats, device)
         new = timed(lambda: batched(images, torch.Generator().manual_seed(0)), args.repeats, device)
-        print(f"{name}: per_image_ms={old:.1f} batched_ms={new:.1f} speedup={old / new:.1f}x "
+        print(f"{name}: {name}_per_image_ms={old:.1f} {name}_batched_ms={new:.1f} {name}_speedup={old / new:.1f} "
               f"(batch {args.batch}, {args.size} px, {device})")
 
 

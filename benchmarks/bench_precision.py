@@ -71,7 +71,8 @@ def main() -> None:
             except RuntimeError as error:  # e.g. fp16 kernels a CPU build lacks
                 print(f"{name}: not run ({str(error).splitlines()[0][:80]})")
         line = ", ".join(f"{name} {value:.1f}" for name, value in results.items())
-        print(f"{size}px img/s: {line}; bf16+channels_last vs fp32: {results['bf16 channels_last'] / results['fp32']:.2f}x",
+        print(f"{size}px img/s: {line}; bf16+channels_last vs fp32: "
+              f"bf16_cl_vs_fp32_{size}px={results['bf16 channels_last'] / results['fp32']:.2f}",
               flush=True)
 
 

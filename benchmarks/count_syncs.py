@@ -67,8 +67,10 @@ def main() -> None:
             places[f"{Path(w.filename).name}:{w.lineno}"] += 1
         steps = len(loader)
         refreshes = math.ceil(steps / LOG_EVERY)
+        key = "device" if on_device else "host"
         print(f"{'data on device' if on_device else 'host batches  '}: {len(syncs)} syncs in {steps} steps "
-              f"({refreshes} progress refreshes); by place: {dict(places.most_common(8))}")
+              f"({refreshes} progress refreshes); by place: {dict(places.most_common(8))}; "
+              f"syncs_{key}={len(syncs)} steps_{key}={steps} refreshes_{key}={refreshes}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
        "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
+GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's luma weights for Color and Contrast
 
 
@@ -75,21 +76,28 @@ class BatchPolicy:
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         ops, magnitudes = self.draw(images.shape[0], images.shape[-2], images.shape[-1], generator)
         out = images.clone()
+        geometric = torch.tensor([OPS.index(name) for name in GEOMETRIC])
         for round_ops, round_magnitudes in zip(ops, magnitudes):
+            # the five geometric operations share one grid: one sampling pass for all their images
+            moved = torch.isin(round_ops, geometric).nonzero().flatten()
+            if len(moved):
+                where = moved.to(images.device)
+                out.index_copy_(0, where, _geometric([OPS[i] for i in round_ops[moved].tolist()],
+                                                     out.index_select(0, where), round_magnitudes[moved]))
             for index in round_ops.unique().tolist():
-                if OPS[index] == "Identity":
+                if OPS[index] == "Identity" or OPS[index] in GEOMETRIC:
                     continue
                 chosen = (round_ops == index).nonzero().flatten()
                 where = chosen.to(images.device)
-                out[where] = apply_op(OPS[index], out[where], round_magnitudes[chosen])
+                out.index_copy_(0, where, apply_op(OPS[index], out.index_select(0, where), round_magnitudes[chosen]))
         return out
 
 
 def apply_op(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
     """One operation on uint8 images (N, C, H, W), image i at magnitudes[i] (float64, on the CPU)."""
     device = images.device
-    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
-        return _geometric(name, images, magnitudes)
+    if name in GEOMETRIC:
+        return _geometric([name] * len(images), images, magnitudes)
     if name == "AutoContrast":
         return TF.autocontrast(images)
     if name == "Equalize":
@@ -119,52 +127,51 @@ def _sharpen(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_sharpness: the inner pixels blended with a 3x3 smoothing (centre 5/13)."""
     if images.shape[-1] <= 2 or images.shape[-2] <= 2:
         return images
-    channels = images.shape[-3]
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device).expand(channels, 1, 3, 3)
     out = images.to(torch.float32)
-    blurred = F.conv2d(out, kernel, groups=channels).round_()
+    # torchvision's kernel: 1/13 around, 5/13 in the centre = (the 3x3 sum + 4 x centre) / 13
+    blurred = F.avg_pool2d(out, 3, stride=1).mul_(9.0).add_(out[..., 1:-1, 1:-1], alpha=4.0).div_(13.0).round_()
     inner = out[..., 1:-1, 1:-1]
     inner.add_(blurred.sub_(inner).mul_((1.0 - factor).float().to(images.device).view(-1, 1, 1, 1)))
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-def _geometric(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-    """Shear, translate and rotate by nearest sampling of one grid per image, built the way
-    torchvision builds its one grid (inverse affine matrix in float64, grid in float32)."""
+def _geometric(names: list[str], images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """Shear, translate or rotate image i (names[i]) by nearest sampling of one grid per image,
+    built the way torchvision builds its one grid (inverse affine matrix in float64, grid in
+    float32)."""
     count, _, height, width = images.shape
+    is_ = {name: torch.tensor([n == name for n in names]) for name in GEOMETRIC}
     zero = torch.zeros(count, dtype=torch.float64)
-    angle, shear_x, shear_y, move_x, move_y = zero, zero, zero, zero, zero
-    center_x, center_y = 0.0, 0.0
-    if name == "ShearX":
-        shear_x, (center_x, center_y) = torch.atan(magnitudes), (-0.5 * width, -0.5 * height)
-    elif name == "ShearY":
-        shear_y, (center_x, center_y) = torch.atan(magnitudes), (-0.5 * width, -0.5 * height)
-    elif name == "TranslateX":
-        move_x = magnitudes.trunc()
-    elif name == "TranslateY":
-        move_y = magnitudes.trunc()
-    else:  # rotate() turns the other way than affine()
-        angle = -torch.deg2rad(torch.remainder(magnitudes, 360.0))
+    shear_x = torch.where(is_["ShearX"], torch.atan(magnitudes), zero)
+    shear_y = torch.where(is_["ShearY"], torch.atan(magnitudes), zero)
+    move_x = torch.where(is_["TranslateX"], magnitudes.trunc(), zero)
+    move_y = torch.where(is_["TranslateY"], magnitudes.trunc(), zero)
+    turns = torch.remainder(magnitudes, 360.0)
+    angle = torch.where(is_["Rotate"], -torch.deg2rad(turns), zero)  # rotate() turns the other way than affine()
+    sheared = is_["ShearX"] | is_["ShearY"]  # sheared about the top-left corner, the rest about the centre
+    center_x = torch.where(sheared, -0.5 * width, 0.0).double()
+    center_y = torch.where(sheared, -0.5 * height, 0.0).double()
     theta = _inverse_affine(angle, shear_x, shear_y, move_x, move_y, center_x, center_y).float().to(images.device)
     base_x = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=images.device)
     base_y = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=images.device)
-    base = torch.stack([base_x.expand(height, width), base_y.unsqueeze(-1).expand(height, width),
-                        torch.ones(height, width, device=images.device)], -1).view(1, height * width, 3)
-    scale = torch.tensor([0.5 * width, 0.5 * height], device=images.device)
-    grid = base.expand(count, -1, -1).bmm(theta.transpose(1, 2) / scale).view(count, height, width, 2)
+    # torchvision: grid = base @ (theta^T / (w/2, h/2)), written out (a 3x2 matrix product per
+    # pixel is far faster as three broadcast multiply-adds than as a batched matmul)
+    rescaled = theta / torch.tensor([0.5 * width, 0.5 * height], device=images.device).view(1, 2, 1)
+    x, y = base_x.view(1, 1, width), base_y.view(1, height, 1)
+    grid = torch.stack([x * rescaled[:, 0, 0, None, None] + y * rescaled[:, 0, 1, None, None]
+                        + rescaled[:, 0, 2, None, None],
+                        x * rescaled[:, 1, 0, None, None] + y * rescaled[:, 1, 1, None, None]
+                        + rescaled[:, 1, 2, None, None]], -1)
     out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     out = out.round_().to(torch.uint8)
-    if name == "Rotate":  # torchvision turns by multiples of 90 degrees exactly, without a grid
-        turns = torch.remainder(magnitudes, 360.0)
-        for quarter in (0, 1, 2, 3):
-            exact = (turns == 90.0 * quarter).nonzero().flatten().to(images.device)
-            if len(exact) and (quarter % 2 == 0 or height == width):
-                out[exact] = torch.rot90(images[exact], k=quarter, dims=(-2, -1))
+    for quarter in (0, 1, 2, 3):  # torchvision turns by multiples of 90 degrees exactly, without a grid
+        exact = (is_["Rotate"] & (turns == 90.0 * quarter)).nonzero().flatten().to(images.device)
+        if len(exact) and (quarter % 2 == 0 or height == width):
+            out[exact] = torch.rot90(images[exact], k=quarter, dims=(-2, -1))
     return out
 
 
-def _inverse_affine(angle, shear_x, shear_y, move_x, move_y, center_x: float, center_y: float) -> torch.Tensor:
+def _inverse_affine(angle, shear_x, shear_y, move_x, move_y, center_x, center_y) -> torch.Tensor:
     """(N, 2, 3) float64: torchvision's _get_inverse_affine_matrix (scale 1) for each image;
     angles and shears in radians."""
     cos_y = torch.cos(shear_y)

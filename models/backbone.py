@@ -77,7 +77,7 @@ def make_head(in_features: int, num_classes: int, kind: str = "linear", hidden: 
 
 
 class FineTuneNet(nn.Module):
-    """A torchvision classifier whose head was replaced; knows its stages and what is frozen.
+    """A torchvision or timm classifier whose head was replaced; knows its stages and what is frozen.
 
     Frozen modules stay in eval() whatever train() is called with: frozen BatchNorm must not
     update its running statistics, or the frozen features drift under the head.

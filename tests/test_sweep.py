@@ -107,3 +107,8 @@ def test_inside_a_sweep_the_agents_run_is_used(monkeypatch, tmp_path):
         utils.tracking.Tracker(tmp_path, {"lr": 1}, "auto", "my-project", "me", "GELU-run")
     assert "project" not in seen and "entity" not in seen
     assert seen["name"] == "GELU-run" and seen["config"] == {"lr": 1}
+
+
+def test_the_part_b_sweep_parses_and_builds():
+    checked, failures = check_sweep(ROOT / "docs" / "sweep_partB.yaml")
+    assert checked > 20 and not failures, failures[:3]

@@ -29,7 +29,7 @@ class ScriptSpec:
     config_from_args: Callable  # parsed flags -> config
     config_from_checkpoint: Callable  # checkpoint dict -> config
     check_config: Callable  # raises UsageError/ModelConfigError for what can fail without data
-    build_model: Callable  # (config, num_classes) -> model
+    build_model: Callable  # config -> the model's structure, no weights loaded (sweep checks)
     run_name: Callable  # config -> run name
     rebuild_from_checkpoint: Callable  # checkpoint -> (config, model with weights, eval transform)
     shape_fields: tuple[str, ...] = ()  # flags whose combinations decide whether the model builds

@@ -82,7 +82,8 @@ def check_sweep(path: Path) -> tuple[int, list[tuple[list[str], str]]]:
     """(argvs checked, failures): each value alone on the defaults, then the full product of
     the shape-deciding parameters with every other parameter at its first value."""
     sweep = load_sweep(path)
-    sys.path.insert(0, str(path.resolve().parent))
+    # the program sits beside the sweep file, or at the repository root (docs/sweep_partB.yaml)
+    sys.path[:0] = [str(path.resolve().parent), str(Path(__file__).resolve().parents[1])]
     script = importlib.import_module(Path(sweep["program"]).stem).SPEC
     choices = {name: candidate_values(spec) for name, spec in sweep["parameters"].items()}
     argvs = [agent_argv({name: value}) for name, values in choices.items() for value in values]
