@@ -25,6 +25,7 @@ if [ "$DEVICE" != "cpu" ] && [ $CUDA = 0 ]; then
 fi
 BIG=$CUDA  # sizes: the real ones on a GPU, toy ones on the CPU dry run
 pick() { if [ $BIG = 1 ]; then echo "$1"; else echo "$2"; fi; }
+SCALE=$(pick 1 3)  # the CPU dry run is slower per step at toy sizes: its time boxes are wider
 FAILED=0
 
 record() { echo "$1 $2" | tee -a "$RESULTS"; }
@@ -34,7 +35,7 @@ figures() {  # every key=value token of the step's output (last 40 lines) become
   done
 }
 box() {  # box SECONDS NAME COMMAND...: run it time-boxed, record its outcome, time and figures
-  local limit=$1 name=$2; shift 2
+  local limit=$(( $1 * SCALE )) name=$2; shift 2
   local started=$SECONDS code=0
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$WORK/log" 2>&1 || code=$?
   if [ $code = 0 ]; then record "$name.status" ok
@@ -49,7 +50,7 @@ cuda_box() { if [ $CUDA = 1 ]; then box "$@"; else record "$2.status" "skip(CUDA
 record date "$(date -u +%Y-%m-%dT%H:%MZ)"
 record device "$($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' | tr ' ' '_')"
 record torch "$($PY -c 'import torch; print(torch.__version__)')"
-$PY benchmarks/make_fake_inat.py "$WORK/data" --train_per_class 24 --val_per_class 4 > /dev/null
+$PY benchmarks/make_fake_inat.py "$WORK/data" --train_per_class "$(pick 24 6)" --val_per_class 4 > /dev/null
 
 # 1. the whole smoke, every path once, in one process (CUDA starts once)
 box 150 smoke $PY benchmarks/smoke.py "$WORK/data" --device "$DEVICE" --work "$WORK/smoke"
@@ -72,7 +73,7 @@ $PY benchmarks/make_fake_inat.py "$WORK/run" --train_per_class "$(pick 1250 6)" 
 box 60 whole_run $PY benchmarks/timed_run.py "$WORK/run" --device "$DEVICE" --image_size "$(pick 224 64)" \
   --epochs "$(pick 10 1)"
 # 6. --compile on against off, same run
-box 40 compile $PY benchmarks/timed_run.py "$WORK/bench" --device "$DEVICE" --image_size "$(pick 224 64)" \
+cuda_box 40 compile $PY benchmarks/timed_run.py "$WORK/bench" --device "$DEVICE" --image_size "$(pick 224 64)" \
   --epochs "$(pick 3 1)" --compare_compile
 # 7. what the CPU cannot afford: trainA's defaults at 224 px, 30 epochs of imagenette, two seeds side by side
 if [ -n "${IMAGENETTE:-}" ] && [ -d "${IMAGENETTE:-}/train" ] && [ $CUDA = 1 ]; then

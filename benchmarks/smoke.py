@@ -125,8 +125,9 @@ def main(argv=None) -> int:
                                      str(runs / "lr_find")])
     smoke.step("a bad --device cuda:99 is one line, exit 2", trainA,
                [*common, "-e", "1", "--device", "cuda:99", "--dry_run"], expect=2, cuda_only=True)
+    # torch.compile on a CPU costs minutes of compiling: a GPU-window question
     smoke.step("--compile (2 epochs)", trainA, [*common, "-e", "2", "--compile", "--output_dir",
-                                                 str(runs / "compile")])
+                                                 str(runs / "compile")], cuda_only=True)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 str(ROOT / "trainA.py"), *common, "-e", "1", "--num_workers", "0"]
     smoke.process("two ranks over gloo (torchrun)", [*launcher, "--output_dir", str(runs / "gloo")],

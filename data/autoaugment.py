@@ -13,7 +13,6 @@ every operation's output to torchvision's on the same image and magnitude, withi
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ModelConfigError
-from .weights import WeightsUnavailable, create_network, resolve_arch  # noqa: F401 - WeightsUnavailable re-exported
+from .weights import create_network, resolve_arch
 
 FREEZE_ALL = "all"
 

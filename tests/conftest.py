@@ -103,11 +103,35 @@ def run_main(script: str, *args: str):
 def assert_one_line_error(result, *needles: str, code: int = 2) -> None:
     """Exit code, exactly one line on stderr naming the thing, and no traceback."""
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+    assert_one_line(result.stderr, *needles)
+
+
+def assert_one_line(err: str, *needles: str) -> None:
+    """err (what a run printed on stderr) is one line holding every needle, with no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def one_error_line(capsys, *needles: str) -> None:
+    """What an in-process call printed on stderr is one line holding every needle."""
+    assert_one_line(capsys.readouterr().err, *needles)
+
+
+def only_dir(output: Path) -> Path:
+    """The one run directory a run made under output (its --output_dir)."""
+    (run_dir,) = [p for p in Path(output).iterdir() if p.is_dir()]
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.csv of a run directory, one dict per epoch."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms import v2
 
 import trainB
-from conftest import TINY_ARGS, assert_one_line_error, run_main
+from conftest import TINY_ARGS, assert_one_line_error, only_dir, run_main
 from models import ModelConfigError
 from models.backbone import FREEZE_ALL, build_finetune_model
 from utils.cli import run_cli
@@ -141,7 +141,7 @@ def test_weights_from_a_file(tmp_path):
 def test_each_strategy_runs_end_to_end_and_test_only_reproduces(tiny_data, tmp_path, strategy, capsys):
     out = tmp_path / "runs"
     assert trainB.main(["--data_dir", str(tiny_data), "-e", "2", "--output_dir", str(out), *B_ARGS, *strategy]) == 0
-    (run_dir,) = list(out.iterdir())
+    run_dir = only_dir(out)
     for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "test_metrics.json"):
         assert (run_dir / name).is_file()
     printed = capsys.readouterr().out
@@ -157,7 +157,7 @@ def test_gradual_resume_after_unfreezing_keeps_everything_trainable(tiny_data, t
     out = tmp_path / "runs"
     args = ["--data_dir", str(tiny_data), "--output_dir", str(out), *B_ARGS, "--strategy", "gradual", "--head_epochs", "1"]
     assert trainB.main([*args, "-e", "2"]) == 0
-    (run_dir,) = list(out.iterdir())
+    run_dir = only_dir(out)
     assert trainB.main(["--resume", str(run_dir / "last.pt"), "-e", "3", "--num_workers", "0"]) == 0
     assert (run_dir / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs
 
@@ -176,7 +176,7 @@ def test_checkpoint_of_the_other_script_is_refused(tiny_data, tmp_path, capsys):
     import trainA
 
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "a"), *TINY_ARGS]) == 0
-    (run_dir,) = list((tmp_path / "a").iterdir())
+    run_dir = only_dir(tmp_path / "a")
     code = run_cli(trainB.main, ["--test_only", "--checkpoint", str(run_dir / "best.pt")], prog="trainB.py")
     assert code == 2 and "written by trainA.py" in capsys.readouterr().err
 
@@ -193,7 +193,7 @@ def test_feature_cache_matches_the_plain_path_within_noise(tmp_path, cache, caps
         assert trainB.main(["--data_dir", str(data), "-e", "4", "--output_dir", str(out), *B_ARGS, "--strategy",
                             "freeze_all", "-da", "false", "--feature_cache", feature_cache, "--cache", cache, "--probe_epochs", "0",
                             "-lr", "0.01", "--seed", "3"]) == 0
-        (run_dir,) = list(out.iterdir())
+        run_dir = only_dir(out)
         accuracy[feature_cache] = json.loads((run_dir / "test_metrics.json").read_text())["test_accuracy"]
         if feature_cache == "true":
             assert "computed once" in capsys.readouterr().out

@@ -1,6 +1,5 @@
 """torchrun with 2 CPU processes (gloo) against one process with the same global batch."""
 
-import csv
 import json
 import os
 import re
@@ -10,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, interactive_signals, make_dataset
+from conftest import ROOT, interactive_signals, make_dataset, only_dir, read_metrics
 from data.loaders import ShardedBatchSampler
 
 COMMON = ["-e", "2", "-is", "32", "-nf", "4", "-fo", "same", "-dn", "16", "-b", "8", "--device", "cpu",
@@ -29,9 +28,8 @@ def run(argv, nproc: int, env_extra=None):
 
 
 def metrics(out):
-    (run_dir,) = list(out.iterdir())
-    with open(run_dir / "metrics.csv") as f:
-        return run_dir, list(csv.DictReader(f))
+    run_dir = only_dir(out)
+    return run_dir, read_metrics(run_dir)
 
 
 @pytest.mark.parametrize("cache", ["auto", "off"])
@@ -129,7 +127,7 @@ def test_ctrl_c_on_the_launcher_leaves_a_valid_last_pt(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    (run_dir,) = list((tmp_path / "out").iterdir())
+    run_dir = only_dir(tmp_path / "out")
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["epoch"] >= 1 and last["model"]
 

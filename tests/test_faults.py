@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -181,20 +180,31 @@ def test_sigint_mid_epoch_saves_a_valid_last_pt(tmp_path):
     assert not list(run_dir.glob(".*.tmp-*"))
 
 
-def test_sigkill_during_checkpoint_writes_leaves_the_previous_one_loadable(tmp_path):
+@pytest.mark.parametrize("where", ["half of the bytes written", "written, before fsync and rename"])
+def test_sigkill_during_checkpoint_writes_leaves_the_previous_one_loadable(tmp_path, where):
+    """The child stops at a chosen point inside the second write and says so; the kill lands
+    there, not where a sleep happens to end."""
+    pause = ("import io, os\n"
+             "real_save, real_fsync = torch.save, os.fsync\n"
+             "def half(obj, f):\n"
+             "    buffer = io.BytesIO(); real_save(obj, buffer); data = buffer.getvalue()\n"
+             "    f.write(data[:len(data) // 2]); f.flush(); print('paused', flush=True); sys.stdin.readline()\n"
+             "def before_rename(fd):\n"
+             "    real_fsync(fd); print('paused', flush=True); sys.stdin.readline()\n")
+    patch = "torch.save = half\n" if where.startswith("half") else "os.fsync = before_rename\n"
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from utils.checkpoint import atomic_torch_save\n"
-            "big = {'model': {'w': torch.randn(2_000_000)}, 'config': {}}\n"
+            "big = {'model': {'w': torch.zeros(2_000_000)}, 'config': {}}\n"
             "atomic_torch_save(big, sys.argv[2]); print('first', flush=True)\n"
-            "while True:\n    big['model']['w'] += 1; atomic_torch_save(big, sys.argv[2])\n")
+            f"{pause}{patch}big['model']['w'] += 1; atomic_torch_save(big, sys.argv[2])\n")
     target = tmp_path / "last.pt"
-    for delay in (0.05, 0.2, 0.4):
-        proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(target)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "first"
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        payload = torch.load(target, weights_only=True)  # whole, never half-written
-        assert payload["model"]["w"].shape == (2_000_000,)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(target)], stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first"
+    assert proc.stdout.readline().strip() == "paused"
+    proc.kill()
+    proc.wait()
+    payload = torch.load(target, weights_only=True)  # the first version, whole
+    assert payload["model"]["w"].shape == (2_000_000,) and float(payload["model"]["w"].max()) == 0.0
 
 
 def test_nan_from_a_huge_learning_rate_stops_cleanly(tmp_path, tiny_data):

@@ -7,7 +7,7 @@ from torch import nn
 
 import trainA
 import utils.runtime
-from conftest import TINY_ARGS
+from conftest import TINY_ARGS, only_dir
 from data import IMAGENET_MEAN, IMAGENET_STD, NatureData, build_eval_transform
 from data.cache import build_or_load, to_tensor_batch
 from data.augment import BatchAugment
@@ -171,7 +171,7 @@ def test_default_precision_path_runs_end_to_end_and_resumes(tiny_data, tmp_path,
     printed = capsys.readouterr().out
     expected = "bf16, channels_last" if utils.runtime.cpu_has_bf16() else "(fp32)"
     assert expected in printed
-    (run_dir,) = list(out.iterdir())
+    run_dir = only_dir(out)
     assert trainA.main(["--resume", str(run_dir / "last.pt"), "-e", "2", "--num_workers", "0"]) == 0
 
 
@@ -179,7 +179,7 @@ def test_fp16_with_an_enabled_scaler_saves_and_resumes_its_state(tiny_data, tmp_
     out = tmp_path / "runs"
     args = [a for a in TINY_ARGS if a not in ("--amp", "off")] + ["--amp", "fp16"]
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", *args, "--output_dir", str(out)]) == 0
-    (run_dir,) = list(out.iterdir())
+    run_dir = only_dir(out)
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["scaler"] and last["scaler"]["scale"] > 0
     assert trainA.main(["--resume", str(run_dir / "last.pt"), "-e", "2", "--num_workers", "0"]) == 0

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 import trainA
-from conftest import TINY_ARGS, assert_one_line_error, run_main
+from conftest import TINY_ARGS, assert_one_line_error, only_dir, run_main
 from data import NatureData, build_eval_transform
 from models import ACTIVATION_NAMES, build_cnn
 from utils import pictures
@@ -88,7 +88,7 @@ def test_run_leaves_every_picture_and_logs_them_offline(tiny_data, tmp_path):
     out = tmp_path / "runs"
     args = [a if a != "disabled" else "offline" for a in TINY_ARGS if a != "--no_pictures"]
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *args]) == 0
-    (run_dir,) = list(out.iterdir())
+    run_dir = only_dir(out)
     for name in ("prediction_grid.png", "filters.png", "feature_maps.png", "guided_backprop.png", "confusion_matrix.png"):
         assert Image.open(run_dir / name).size[0] > 10, name
     import wandb
@@ -104,7 +104,7 @@ def test_run_leaves_every_picture_and_logs_them_offline(tiny_data, tmp_path):
 def test_predict_matches_evaluate_on_a_file_and_a_folder(tiny_data, tmp_path, capsys):
     out = tmp_path / "runs"
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
-    (run_dir,) = list(out.iterdir())
+    run_dir = only_dir(out)
     capsys.readouterr()
     folder = tiny_data / "val" / "fungi"
     assert trainA.main(["--predict", str(folder), "--checkpoint", str(run_dir / "best.pt")]) == 0
@@ -126,7 +126,7 @@ def test_predict_matches_evaluate_on_a_file_and_a_folder(tiny_data, tmp_path, ca
 def test_predict_unreadable_file_is_one_line(tiny_data, tmp_path):
     out = tmp_path / "runs"
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
-    (run_dir,) = list(out.iterdir())
+    run_dir = only_dir(out)
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
     result = run_main("trainA.py", "--predict", str(bad), "--checkpoint", str(run_dir / "best.pt"))

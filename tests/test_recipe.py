@@ -1,7 +1,6 @@
 """The training tools of the recipe: augmentation strength, auto-augment, MixUp/CutMix, model
 EMA, test-time flips, global pooling and the train subset, on both data paths."""
 
-import csv
 import dataclasses
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from torch import nn
 
 import trainA
-from conftest import TINY_ARGS, interrupted_in_epoch, make_dataset, run_main
+from conftest import TINY_ARGS, interrupted_in_epoch, make_dataset, only_dir, read_metrics, run_main
 from data import AugmentSpec, NatureData, build_train_transform, stratified_subset
 from data.augment import BatchAugment
 from data.folder import Sample
@@ -25,14 +24,6 @@ TOOLS = ["--ema_decay", "0.9", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", 
          "--whiten", "frozen"]
 
 
-def read_metrics(run_dir):
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def only_dir(path):
-    (run_dir,) = [p for p in path.iterdir() if p.is_dir()]
-    return run_dir
 
 
 # --- augmentation spec, both paths ----------------------------------------------------------

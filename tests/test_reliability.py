@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 import trainA
-import trainB
-from conftest import ROOT, TINY_ARGS, assert_one_line_error, make_dataset, run_main
+from conftest import ROOT, TINY_ARGS, assert_one_line_error, make_dataset, only_dir, run_main
 
 
 def break_split(root: Path, split: str) -> int:
@@ -82,7 +81,7 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     data = make_dataset(root / "data")
     assert trainA.main(["--data_dir", str(data), "-e", "1", "--output_dir", str(root / "runs"), *TINY_ARGS]) == 0
-    (run_dir,) = (root / "runs").iterdir()
+    run_dir = only_dir(root / "runs")
     return data, run_dir
 
 
@@ -126,7 +125,7 @@ def test_an_early_stopped_run_resumes_only_with_more_patience(tmp_path):
     args = ["--data_dir", str(data), "--output_dir", str(tmp_path / "runs"), *TINY_ARGS, "-e", "5", "--patience", "1",
             "-lr", "1e-6"]
     assert trainA.main(args) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = only_dir(tmp_path / "runs")
     done = len((run_dir / "metrics.csv").read_text().splitlines()) - 1
     assert done < 5
     assert_one_line_error(run_main("trainA.py", "--resume", str(run_dir / "last.pt")),
@@ -200,7 +199,7 @@ def test_a_run_name_too_long_for_the_file_system_gets_a_short_folder(tiny_data, 
     name = "sweep-" + "x" * 300
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "runs"),
                         "--run_name", name, *TINY_ARGS]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = only_dir(tmp_path / "runs")
     assert len(run_dir.name) <= 120 and (run_dir / "test_metrics.json").is_file()
 
 
@@ -218,7 +217,7 @@ def test_a_class_name_that_is_not_utf8_prints_under_a_strict_utf8_stdout(tmp_pat
     monkeypatch.setattr(sys, "stdout", strict)
     out = tmp_path / "runs"
     assert run_cli(trainA.main, ["--data_dir", str(data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
-    (run_dir,) = out.iterdir()
+    run_dir = only_dir(out)
     assert (run_dir / "test_metrics.json").is_file()
 
 
@@ -243,7 +242,7 @@ def test_ctrl_c_during_the_final_test_says_what_is_kept(tiny_data, tmp_path, mon
     out = tmp_path / "runs"
     result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS)
     assert result.returncode == 130
-    (run_dir,) = out.iterdir()
+    run_dir = only_dir(out)
     assert "nothing to keep" not in result.stderr and "best.pt, last.pt kept in" in result.stderr
     assert state_of(run_dir)["state"] == "interrupted"
 
@@ -269,7 +268,7 @@ def test_a_second_ctrl_c_while_last_pt_is_written_still_saves_it(tiny_data, tmp_
     with interrupted_in_epoch(monkeypatch, 2):
         result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(out), *TINY_ARGS)
     assert result.returncode == 130 and "interrupted during epoch 2; saved" in result.stderr, result.stderr
-    (run_dir,) = out.iterdir()
+    run_dir = only_dir(out)
     assert torch.load(run_dir / "last.pt", weights_only=True)["interrupted"] is True
     assert state_of(run_dir)["state"] == "interrupted"
 
@@ -297,7 +296,7 @@ def test_a_full_disk_while_last_pt_is_written_is_one_line_and_keeps_the_older_ch
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "No space left on device" in lines[0] and "free space" in lines[0]
-    (run_dir,) = out.iterdir()
+    run_dir = only_dir(out)
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
     assert state_of(run_dir)["state"] == "failed"
 
@@ -321,7 +320,7 @@ def test_data_workers_that_die_mid_run_save_last_pt_and_name_the_fix(tiny_data, 
     result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(out), *TINY_ARGS)
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert "out of shared memory" in result.stderr and "--num_workers 0" in result.stderr and "--shm-size" in result.stderr
-    (run_dir,) = out.iterdir()
+    run_dir = only_dir(out)
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
     assert state_of(run_dir)["state"] == "interrupted"
 
@@ -354,7 +353,7 @@ def test_sigint_to_the_process_group_with_loader_workers_saves_and_says_so(tmp_p
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "interrupted during epoch" in err and "nothing to keep" not in err
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = only_dir(tmp_path / "runs")
     assert torch.load(run_dir / "last.pt", weights_only=True)["interrupted"] is True
     assert state_of(run_dir)["state"] == "interrupted"
 

@@ -16,7 +16,7 @@ from PIL import Image
 import data.cache
 import trainA
 import trainB
-from conftest import TINY_ARGS, make_dataset, write_image
+from conftest import TINY_ARGS, make_dataset, one_error_line, only_dir, write_image
 from data import NatureData, load_rgb
 from data.cache import CacheUnavailable, build_or_load
 from data.decode import UNREADABLE
@@ -27,17 +27,6 @@ from data.errors import DatasetError
 from utils.cli import run_cli
 
 
-def only_dir(path: Path) -> Path:
-    (run_dir,) = [p for p in path.iterdir() if p.is_dir()]
-    return run_dir
-
-
-def one_error_line(capsys, *needles):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ------------------------------------------------------------- 1. photo metadata

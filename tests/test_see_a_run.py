@@ -11,21 +11,16 @@ from torch import nn
 
 import trainA
 import trainB
-from conftest import TINY_ARGS, interrupted_in_epoch
+from conftest import TINY_ARGS, interrupted_in_epoch, only_dir, read_metrics
 from utils import runs
 from utils.curves import plot_curves
 from utils.lr_find import END_LR, START_LR, lr_find
 from utils.runtime import Precision
 
 
-def only_dir(path: Path) -> Path:
-    (run_dir,) = [p for p in path.iterdir() if p.is_dir()]
-    return run_dir
-
 
 def metrics_rows(run_dir: Path) -> int:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return len(list(csv.DictReader(f)))
+    return len(read_metrics(run_dir))
 
 
 def test_curves_png_follows_metrics_csv_also_after_a_resume(tiny_data, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import trainB
-from conftest import ROOT, assert_one_line_error, interrupted_in_epoch, run_main
+from conftest import ROOT, assert_one_line_error, interrupted_in_epoch, only_dir, run_main
 from models import ModelConfigError
 from models.backbone import FREEZE_ALL, build_finetune_model
 from models.weights import create_network, load_weights_file, resolve_arch
@@ -60,7 +60,7 @@ def test_features_are_the_heads_input():
 def test_each_strategy_runs_a_timm_model_and_test_only_and_predict_reproduce(tiny_data, tmp_path, strategy, capsys):
     out = tmp_path / "runs"
     assert trainB.main(["--data_dir", str(tiny_data), "-e", "2", "--output_dir", str(out), *ARGS, *strategy]) == 0
-    (run_dir,) = out.iterdir()
+    run_dir = only_dir(out)
     printed = capsys.readouterr().out
     assert "preprocessing: mean (0.485, 0.456, 0.406)" in printed
     if "freeze_all" in strategy:  # the probe's features are the feature cache's: computed once
@@ -96,7 +96,7 @@ def test_a_timm_model_under_torchrun(tiny_data, tmp_path):
                              "--head_epochs", "0"],
                             capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = only_dir(tmp_path / "runs")
     assert json.loads((run_dir / "test_metrics.json").read_text())["test_images"] == 12
 
 

@@ -1,25 +1,15 @@
-import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import trainA
 import utils.train
-from conftest import TINY_ARGS, interrupted_in_epoch, make_dataset
+from conftest import TINY_ARGS, interrupted_in_epoch, make_dataset, only_dir, read_metrics
 from utils.runtime import Precision
 from utils.train import NonFiniteLoss, Optimisation, fit
 
 
-def run_dir_of(output: Path) -> Path:
-    (run_dir,) = [p for p in output.iterdir() if p.is_dir()]
-    return run_dir
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("cache", ["auto", "off"])
@@ -28,7 +18,7 @@ def test_end_to_end_run_leaves_a_complete_run_directory(tiny_data, tmp_path, cap
     code = trainA.main(["--data_dir", str(tiny_data), "-e", "2", "--output_dir", str(out), *TINY_ARGS,
                         "--cache", cache])
     assert code == 0
-    run_dir = run_dir_of(out)
+    run_dir = only_dir(out)
     for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "test_metrics.json", "model_summary.txt"):
         assert (run_dir / name).is_file(), name
     rows = read_metrics(run_dir)
@@ -55,7 +45,7 @@ def test_offline_wandb_run_logs_and_writes_local_files(tiny_data, tmp_path):
     out = tmp_path / "runs"
     args = [a if a != "disabled" else "offline" for a in TINY_ARGS]
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *args]) == 0
-    run_dir = run_dir_of(out)
+    run_dir = only_dir(out)
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(read_metrics(run_dir)) == 1
 
@@ -67,7 +57,7 @@ class SimulatedKill(BaseException):
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     common = ["--data_dir", str(tiny_data), "-e", "3", *TINY_ARGS, "-da", "true", "--seed", "5"]
     assert trainA.main([*common, "--output_dir", str(tmp_path / "full")]) == 0
-    full = read_metrics(run_dir_of(tmp_path / "full"))
+    full = read_metrics(only_dir(tmp_path / "full"))
 
     real = utils.train.train_one_epoch
 
@@ -80,7 +70,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path, m
     with pytest.raises(SimulatedKill):
         trainA.main([*common, "--output_dir", str(tmp_path / "cut")])
     monkeypatch.setattr(utils.train, "train_one_epoch", real)
-    run_dir = run_dir_of(tmp_path / "cut")
+    run_dir = only_dir(tmp_path / "cut")
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2
     assert trainA.main(["--resume", str(run_dir / "last.pt"), "--num_workers", "0"]) == 0
     resumed = read_metrics(run_dir)
@@ -92,7 +82,7 @@ def test_ctrl_c_saves_last_pt_and_exits_130(tiny_data, tmp_path, monkeypatch, ca
     with interrupted_in_epoch(monkeypatch, 2):
         code = trainA.main(["--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS])
     assert code == 130
-    run_dir = run_dir_of(tmp_path / "runs")
+    run_dir = only_dir(tmp_path / "runs")
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["interrupted"] is True and last["epoch"] == 1
     err = capsys.readouterr().err
@@ -144,7 +134,7 @@ def test_learns_an_easy_task_well_above_chance(tmp_path):
     args = [a if a != "4" else "8" for a in TINY_ARGS]  # 8 filters
     assert trainA.main(["--data_dir", str(data), "-e", "6", "--output_dir", str(out), *args, "-da", "false",
                         "-lr", "3e-3"]) == 0
-    results = json.loads((run_dir_of(out) / "test_metrics.json").read_text())
+    results = json.loads((only_dir(out) / "test_metrics.json").read_text())
     assert results["test_accuracy"] >= 0.75, results  # chance is 0.25
 
 
@@ -160,5 +150,5 @@ def test_compile_flag_compiles_the_trained_model_and_checkpoints_stay_plain(tiny
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS,
                         "--compile", "true"]) == 0
     assert len(compiled) == 1
-    state = torch.load(run_dir_of(out) / "best.pt", weights_only=True)["model"]
+    state = torch.load(only_dir(out) / "best.pt", weights_only=True)["model"]
     assert not any(key.startswith("_orig_mod") for key in state)

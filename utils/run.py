@@ -96,7 +96,6 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
 
 
 def _live(run: Run, run_name: str, summary_text, resume: str, after_test, lr_find_steps: int) -> int:
-    cfg, main = run.cfg, run.dist.is_main
     data = load_data(run)
     # Build (and download) the model before creating the run directory, so a failure leaves nothing.
     model = prepare_model(run.recipe.build_model(len(data.class_names)), run.precision)
