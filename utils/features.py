@@ -13,7 +13,10 @@ from torch import nn
 
 from data.loaders import FeatureBatches, in_order
 
+from .evaluation import evaluate
+from .optim import build_optimizer, build_scheduler, split_decay
 from .runtime import Precision
+from .train import train_one_epoch
 
 
 @dataclass
@@ -68,10 +71,6 @@ def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cf
     on features of the frozen pretrained backbone, computed once, for cfg.probe_epochs cheap
     passes, at cfg.probe_lr with the run's optimizer and schedule. A random head's large gradients in the
     first fine-tuning steps otherwise distort the pretrained features. What it did, in words."""
-    from .evaluation import evaluate
-    from .optim import build_optimizer, build_scheduler, split_decay
-    from .train import train_one_epoch
-
     extract, head = split(model)
     started = time.perf_counter()
     train, val = feature_batches(extract, data.loaders[0], data.loaders[1], precision, cfg.batch_size, cfg.seed)
