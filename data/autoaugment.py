@@ -94,7 +94,7 @@ class BatchPolicy:
                     sorted_images[part] = _geometric(names, sorted_images[part], round_magnitudes[part])
                 elif OPS[value] != "Identity":
                     sorted_images[part] = apply_op(OPS[value], sorted_images[part], round_magnitudes[part])
-            out = torch.empty_like(sorted_images).index_copy_(0, order.to(images.device), sorted_images)
+            out = sorted_images.index_select(0, torch.argsort(order).to(images.device))  # back in batch order
         return out
 
 
