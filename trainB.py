@@ -121,8 +121,24 @@ def config_from_args(args) -> ConfigB:
     return _config_from_args(ConfigB, args)
 
 
-def initial_freeze(cfg: ConfigB) -> str | None:
-    return {"freeze_all": FREEZE_ALL, "gradual": FREEZE_ALL, "freeze_upto": cfg.freeze_upto, "full": None}[cfg.strategy]
+@dataclass(frozen=True)
+class StrategyPlan:
+    """What --strategy means, decided in plan_for() alone; everything else reads these fields."""
+    label: str  # in run names: freeze_all, freeze_upto_layer2, full, gradual
+    freeze_at_start: str | None  # FREEZE_ALL, the last frozen stage (inclusive), or None
+    unfreeze_after: int | None  # gradual: everything trains after this epoch (frozen parameters
+    #                             are in the optimizer from the start; DDP must allow unused ones)
+    feature_cache: bool  # the head trains on features of the frozen backbone, computed once
+    backbone_trains: bool  # some backbone stage trains at some point (--backbone_lr matters)
+
+
+def plan_for(cfg: ConfigB) -> StrategyPlan:
+    return {
+        "freeze_all": StrategyPlan("freeze_all", FREEZE_ALL, None, cfg.feature_cache != "false", False),
+        "freeze_upto": StrategyPlan(f"freeze_upto_{cfg.freeze_upto}", cfg.freeze_upto, None, False, True),
+        "full": StrategyPlan("full", None, None, False, True),
+        "gradual": StrategyPlan("gradual", FREEZE_ALL, cfg.head_epochs, False, True),
+    }[cfg.strategy]
 
 
 def build_model(cfg: ConfigB, num_classes: int = 10, weights: str | None = None) -> FineTuneNet:
@@ -130,7 +146,7 @@ def build_model(cfg: ConfigB, num_classes: int = 10, weights: str | None = None)
     model = build_finetune_model(cfg.arch, num_classes, cfg.weights if weights is None else weights,
                                  cfg.head, cfg.head_hidden, cfg.head_dropout)
     model.bn_frozen = cfg.freeze_bn
-    model.freeze_upto(initial_freeze(cfg))
+    model.freeze_upto(plan_for(cfg).freeze_at_start)
     return model
 
 
@@ -144,7 +160,8 @@ def check_config(cfg: ConfigB) -> None:
     if fixed and cfg.image_size != fixed:
         raise UsageError(f"--arch {cfg.arch} takes only {fixed}x{fixed} inputs (fixed position embeddings); "
                          f"use --image_size {fixed}")
-    if cfg.strategy == "gradual" and cfg.head_epochs >= cfg.epochs:
+    unfreeze_after = plan_for(cfg).unfreeze_after
+    if unfreeze_after is not None and unfreeze_after >= cfg.epochs:
         raise UsageError(f"--head_epochs {cfg.head_epochs} leaves no epoch to fine-tune the backbone "
                          f"(--epochs {cfg.epochs}); lower --head_epochs or raise --epochs")
     build_structure(cfg)
@@ -172,11 +189,11 @@ def build_structure(cfg: ConfigB) -> FineTuneNet:
 def run_name(cfg: ConfigB) -> str:
     if cfg.run_name:
         return cfg.run_name
-    strategy = f"freeze_upto_{cfg.freeze_upto}" if cfg.strategy == "freeze_upto" else cfg.strategy
+    plan = plan_for(cfg)
     head = cfg.head if cfg.head == "linear" else f"mlp{cfg.head_hidden}"
-    backbone = "" if cfg.strategy == "freeze_all" else f"-blr{cfg.backbone_lr:g}"
+    backbone = f"-blr{cfg.backbone_lr:g}" if plan.backbone_trains else ""
     probe = f"-probe{cfg.probe_epochs}" if cfg.probe_epochs else ""
-    return f"{cfg.arch.replace('/', '_')}-{strategy}-{head}{probe}-lr{cfg.lr:g}{backbone}"
+    return f"{cfg.arch.replace('/', '_')}-{plan.label}-{head}{probe}-lr{cfg.lr:g}{backbone}"
 
 
 def inputs(cfg: ConfigB) -> Preprocessing:
@@ -192,14 +209,16 @@ def eval_transform(cfg: ConfigB):
 def param_groups(model: FineTuneNet, cfg: ConfigB) -> list[dict]:
     groups = []
     for name, lr, named in model.parameter_groups(cfg.lr, cfg.backbone_lr, cfg.lr_decay,
-                                                  include_frozen=cfg.strategy == "gradual"):
+                                                  include_frozen=plan_for(cfg).unfreeze_after is not None):
         groups.extend(split_decay(named, lr, cfg.weight_decay, name=f"{name}."))
     return groups
 
 
 def unfreeze_after_head_epochs(cfg: ConfigB):
+    unfreeze_after = plan_for(cfg).unfreeze_after
+
     def before_epoch(model: FineTuneNet, optimizer, epoch: int) -> None:
-        if cfg.strategy == "gradual" and epoch > cfg.head_epochs and model.frozen:
+        if epoch > unfreeze_after and model.frozen:
             model.freeze_upto(None)
             trainable, _ = model.count_parameters()
             print(f"epoch {epoch}: backbone unfrozen, {trainable:,} parameters train "
@@ -210,7 +229,7 @@ def unfreeze_after_head_epochs(cfg: ConfigB):
 def uses_feature_cache(cfg: ConfigB) -> bool:
     """freeze_all trains on features computed once, unless --feature_cache false (then every
     step runs the frozen backbone on augmented images: measured no better on birds50)."""
-    return cfg.strategy == "freeze_all" and cfg.feature_cache != "false"
+    return plan_for(cfg).feature_cache
 
 
 def split_for_features(model: FineTuneNet):
@@ -250,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # With --resume the weights come from last.pt: skip the download.
     weights = "none" if args.resume else None
-    prep = inputs(cfg)
+    prep, plan = inputs(cfg), plan_for(cfg)
     print(prep.describe(cfg.image_size))
     resize_size, mean, std = prep.resize_for(cfg.image_size), prep.mean, prep.std
     recipe = ModelRecipe(
@@ -264,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         resize_size=resize_size,
         mean=mean,
         std=std,
-        # Only gradual changes what trains mid-run (and so needs DDP's find_unused_parameters).
-        before_epoch=unfreeze_after_head_epochs(cfg) if cfg.strategy == "gradual" else None,
+        before_epoch=unfreeze_after_head_epochs(cfg) if plan.unfreeze_after is not None else None,
+        find_unused_parameters=plan.unfreeze_after is not None,  # what trains changes mid-run
         feature_cache=split_for_features if uses_feature_cache(cfg) else None,
         augment=not uses_feature_cache(cfg),
         init_from_data=probe(cfg) if cfg.probe_epochs else None,

@@ -53,6 +53,7 @@ class ModelRecipe:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     before_epoch: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None
+    find_unused_parameters: bool = False  # under DDP: some parameters get no gradient in some epochs
     # With a frozen backbone: model -> (features(images), head). fit() then trains only the
     # head on features computed once; checkpoints still hold the whole model.
     feature_cache: Callable[[nn.Module], tuple[Callable, nn.Module]] | None = None
@@ -169,7 +170,7 @@ def set_up_training(run: Run, model: nn.Module, data: RunData, run_dir: Path):
         state = restore_training_state(run.checkpoint, model, optimizer, scheduler, opt.scaler, opt.ema,
                                        run.dist.rank, run.dist.world)
         run.say(f"resuming {run_dir} after epoch {state.epoch} (best val_accuracy {state.best_val_accuracy:.4f})")
-    trained = (distributed.wrap_ddp(model, cfg.sync_bn, recipe.before_epoch is not None, precision.device)
+    trained = (distributed.wrap_ddp(model, cfg.sync_bn, recipe.find_unused_parameters, precision.device)
                if run.dist.enabled else model)
     if cfg.compile:
         # Checkpoints keep saving `model`, whose state_dict keys the compiled wrapper would prefix.
