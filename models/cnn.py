@@ -148,6 +148,24 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _check_sizes(num_classes: int, image_size: int, num_blocks: int, dense_neurons: int, dropout: float,
+                 conv_dropout: float) -> None:
+    if num_blocks < 1:
+        raise ModelConfigError(f"num_blocks={num_blocks} must be >= 1")
+    if num_classes < 2:
+        raise ModelConfigError(f"num_classes={num_classes} must be >= 2")
+    if image_size < min_image_size(num_blocks):
+        raise ModelConfigError(
+            f"image_size={image_size} is too small for {num_blocks} pooling stages "
+            f"(need >= {min_image_size(num_blocks)}); raise --image_size"
+        )
+    if dense_neurons < 1:
+        raise ModelConfigError(f"dense_neurons={dense_neurons} must be >= 1")
+    for name, p in (("dropout", dropout), ("conv_dropout", conv_dropout)):
+        if not 0.0 <= p < 1.0:
+            raise ModelConfigError(f"{name}={p} must be in [0, 1)")
+
+
 def build_cnn(
     num_classes: int = 10,
     image_size: int = 224,
@@ -170,20 +188,7 @@ def build_cnn(
         >>> model(torch.zeros(2, 3, 224, 224)).shape
         torch.Size([2, 10])
     """
-    if num_blocks < 1:
-        raise ModelConfigError(f"num_blocks={num_blocks} must be >= 1")
-    if num_classes < 2:
-        raise ModelConfigError(f"num_classes={num_classes} must be >= 2")
-    if image_size < min_image_size(num_blocks):
-        raise ModelConfigError(
-            f"image_size={image_size} is too small for {num_blocks} pooling stages "
-            f"(need >= {min_image_size(num_blocks)}); raise --image_size"
-        )
-    if dense_neurons < 1:
-        raise ModelConfigError(f"dense_neurons={dense_neurons} must be >= 1")
-    for name, p in (("dropout", dropout), ("conv_dropout", conv_dropout)):
-        if not 0.0 <= p < 1.0:
-            raise ModelConfigError(f"{name}={p} must be in [0, 1)")
+    _check_sizes(num_classes, image_size, num_blocks, dense_neurons, dropout, conv_dropout)
     counts = filter_counts(num_filters, filter_org, num_blocks)
     sizes = broadcast(filter_size, num_blocks, "filter_size")
     if min(sizes) < 1:
