@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .interrupts import start_iterating
 from .runtime import Precision
 
 
@@ -51,7 +52,8 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int, d
     class_correct = torch.zeros(num_classes, device=device, dtype=torch.long)
     class_total = torch.zeros(num_classes, device=device, dtype=torch.long)
     predictions, targets_all = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if show_progress else True, dynamic_ncols=True):
+    for batch in tqdm(start_iterating(loader), desc=desc, total=len(loader), leave=False,
+                      disable=None if show_progress else True, dynamic_ncols=True):
         if batch is None:
             continue
         inputs, targets = precision.to_device(*batch)

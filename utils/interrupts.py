@@ -41,7 +41,8 @@ def interrupts_deferred():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if received:
+        # a signal the process ignored before (a background job's SIGINT) stays ignored
+        if any(previous[s] is not signal.SIG_IGN for s in received):
             raise KeyboardInterrupt
 
 
@@ -61,3 +62,10 @@ def last_words():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def start_iterating(loader):
+    """iter(loader) with Ctrl-C and SIGTERM held while it runs: a DataLoader forks its workers
+    there, and a signal that lands mid-fork is then raised once they exist, not lost."""
+    with interrupts_deferred():
+        return iter(loader)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointWriter, FitState
 from .ema import WeightEMA
 from .evaluation import evaluate
-from .interrupts import last_words, sigterm_as_interrupt
+from .interrupts import last_words, sigterm_as_interrupt, start_iterating
 from .runtime import Precision
 
 LOG_EVERY = 20  # steps between progress-bar refreshes; each refresh is one host-device sync
@@ -85,7 +85,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss
     images = 0
     window: list[torch.Tensor] = []  # recent losses, checked for NaN/inf at each refresh
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None if show_progress else True, dynamic_ncols=True)
+    bar = tqdm(start_iterating(loader), desc=f"epoch {epoch} train", total=len(loader), leave=False,
+               disable=None if show_progress else True, dynamic_ncols=True)
     for step, batch in enumerate(bar, start=1):
         if batch is None:  # every file in the batch was unreadable
             continue
