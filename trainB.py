@@ -19,7 +19,7 @@ import torch
 
 from data import AugmentSpec, build_eval_transform, build_train_transform
 from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family
-from models.weights import NORMS, Preprocessing, check_weights, preprocessing, resolve_arch
+from models.weights import NORMS, Preprocessing, check_weights, preprocessing, resolve_arch, timm_pretrained_cfg
 from utils.cli import OneLineParser, add_bool, choice, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
@@ -169,9 +169,7 @@ def check_config(cfg: ConfigB) -> None:
 
 def fixed_input_size(arch: str, family) -> int | None:
     if family.stages == "timm":
-        from models.weights import _timm
-
-        cfg = _timm().get_pretrained_cfg(resolve_arch(arch)[1])
+        cfg = timm_pretrained_cfg(resolve_arch(arch)[1])
         return int(cfg.input_size[-1]) if cfg is not None and getattr(cfg, "fixed_input_size", False) else None
     return 224 if family.prefix == "vit" else None
 

@@ -51,9 +51,9 @@ def find_family(arch: str) -> Family:
     """The head path and stage layout of --arch (torchvision's table, or what timm says)."""
     source, name = resolve_arch(arch)
     if source == "timm":
-        from .weights import _timm
+        from .weights import timm_pretrained_cfg
 
-        head = _timm().get_pretrained_cfg(name)
+        head = timm_pretrained_cfg(name)
         head = getattr(head, "classifier", None) if head is not None else None
         if not isinstance(head, str):
             raise ModelConfigError(f"--arch {arch}: timm names no single classifier to replace; pick another model")

@@ -44,6 +44,12 @@ def _timm():
     return timm
 
 
+def timm_pretrained_cfg(name: str):
+    """timm's default pretrained_cfg of a model (classifier path, mean/std, crop, input size,
+    hub id), or None where timm has none."""
+    return _timm().get_pretrained_cfg(name)
+
+
 def torchvision_models() -> set[str]:
     return set(torchvision.models.list_models(module=torchvision.models))
 
@@ -115,9 +121,9 @@ def create_network(source: str, name: str, weights: str) -> nn.Module:
     kind = weights_kind(source, name, weights)
     check_weights(source, name, weights)
     if source == "timm":
-        net = _timm().create_model(name, pretrained=False)
         if kind == "default":
-            return _timm_pretrained(name, net)
+            return _timm_pretrained(name)
+        net = _timm().create_model(name, pretrained=False)
     else:
         net = torchvision.models.get_model(name, weights=None)
         if kind in ("default", "enum"):
@@ -140,10 +146,11 @@ def _torchvision_download(weights) -> dict:
         ) from None
 
 
-def _timm_pretrained(name: str, net: nn.Module) -> nn.Module:
+def _timm_pretrained(name: str) -> nn.Module:
     timm = _timm()
-    cfg = net.pretrained_cfg
-    where = f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else cfg.get("url") or "nowhere"
+    cfg = timm_pretrained_cfg(name)
+    hub_id, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
+    where = f"hf-hub:{hub_id}" if hub_id else url or "nowhere"
     try:
         return timm.create_model(name, pretrained=True)
     except Exception as error:  # noqa: BLE001 - the hub raises OSError, HTTP and its own errors alike
@@ -250,7 +257,7 @@ def preprocessing(source: str, name: str, weights: str, norm: str = "auto") -> P
 def _known_preprocessing(source: str, name: str, weights: str) -> Preprocessing | None:
     if source == "timm":
         # A file given for a timm architecture is taken to be that architecture's weights.
-        cfg = _timm().get_pretrained_cfg(name)
+        cfg = timm_pretrained_cfg(name)
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
         if not cfg.get("mean"):
             return None
