@@ -40,6 +40,7 @@ from models import build_cnn  # noqa: E402
 from data.loaders import make_loader  # noqa: E402
 from utils.runtime import autocast_dtype, default_num_workers, resolve_device, use_channels_last  # noqa: E402
 from utils.runtime import Precision  # noqa: E402
+from utils.optim import Optimisation  # noqa: E402
 from utils.train import train_one_epoch  # noqa: E402
 
 
@@ -85,12 +86,13 @@ def timed_epoch(name: str, loader, precision: Precision, args, classes: int) -> 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
+    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(), scaler)
     warm = PremadeBatches(2, args.batch_size, args.image_size, precision, classes)  # oneDNN/cuDNN warm-up
-    train_one_epoch(model, warm, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), precision, 0, False)
+    train_one_epoch(model, warm, opt, precision, 0, show_progress=False)
     for epoch in range(1, args.epochs):  # untimed: first-epoch effects (page cache, allocator, autotuning)
-        train_one_epoch(model, loader, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), precision, epoch, False)
+        train_one_epoch(model, loader, opt, precision, epoch, show_progress=False)
     clocked = SteadyClock(loader, skip=2, device=precision.device)
-    train_one_epoch(model, clocked, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), precision, args.epochs, False)
+    train_one_epoch(model, clocked, opt, precision, args.epochs, show_progress=False)
     seconds, images = clocked.result()
     print(f"{name:<34} {seconds:8.2f} s  {images / seconds:8.1f} img/s  ({images} images after the first 2 batches)",
           flush=True)

@@ -36,6 +36,7 @@ from data.loaders import FeatureBatches  # noqa: E402
 from utils.features import compute_features  # noqa: E402
 from utils.runtime import autocast_dtype, resolve_device, use_channels_last  # noqa: E402
 from utils.runtime import Precision  # noqa: E402
+from utils.optim import Optimisation  # noqa: E402
 from utils.train import train_one_epoch  # noqa: E402
 
 
@@ -44,8 +45,8 @@ def epoch(model, loader, precision: Precision) -> float:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
-    return train_one_epoch(model, loader, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), precision, 1,
-                           False).seconds
+    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(), scaler)
+    return train_one_epoch(model, loader, opt, precision, 1, show_progress=False).seconds
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from data.augment import BatchAugment  # noqa: E402
 from data.loaders import CachedBatches  # noqa: E402
 from utils.runtime import autocast_dtype  # noqa: E402
 from utils.runtime import Precision  # noqa: E402
+from utils.optim import Optimisation  # noqa: E402
 from utils.train import LOG_EVERY, train_one_epoch  # noqa: E402
 
 
@@ -51,15 +52,15 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         scaler = torch.amp.GradScaler("cuda", enabled=precision.autocast_dtype == torch.float16)
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-        train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, precision, 0, False)  # warm-up
+        opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=0.1), scaler)
+        train_one_epoch(model, loader, opt, precision, 0, show_progress=False)  # warm-up
         torch.cuda.synchronize()
         places: collections.Counter = collections.Counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, precision, 1, False)
+                train_one_epoch(model, loader, opt, precision, 1, show_progress=False)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [w for w in caught if "synchroniz" in str(w.message)]

@@ -142,7 +142,7 @@ def interrupted_in_epoch(monkeypatch, epoch: int):
     real = utils.train.train_one_epoch
 
     def interrupted(*args, **kwargs):
-        if args[7] == epoch:
+        if args[4] == epoch:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 

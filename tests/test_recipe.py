@@ -17,6 +17,7 @@ from utils.ema import WeightEMA
 from data.augment import build_mix
 from utils.runtime import Precision
 from utils.evaluation import evaluate, predict_logits
+from utils.optim import Optimisation
 from utils.train import train_one_epoch
 
 TOOLS = ["--ema_decay", "0.9", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--auto_augment", "trivialwide",
@@ -135,10 +136,10 @@ def test_train_accuracy_under_mixing_counts_the_dominant_label():
     loader = [(torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2]))] * 3
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=0.1),
+                       torch.amp.GradScaler("cpu", enabled=False), mix=build_mix(0.4, 0, 3))
     torch.manual_seed(0)
-    stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, nn.CrossEntropyLoss(label_smoothing=0.1),
-                            Precision(torch.device("cpu")), 1, show_progress=False, mix=build_mix(0.4, 0, 3))
+    stats = train_one_epoch(model, loader, opt, Precision(torch.device("cpu")), 1, show_progress=False)
     assert stats.images == 18 and 0 <= stats.accuracy <= 1 and stats.loss > 0
 
 

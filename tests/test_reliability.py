@@ -309,7 +309,7 @@ def test_data_workers_that_die_mid_run_save_last_pt_and_name_the_fix(tiny_data, 
     real = utils.train.train_one_epoch
 
     def bus_error(*args, **kwargs):
-        if args[7] == 2:
+        if args[4] == 2:
             raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that "
                                "dataloader's workers are out of shared memory. Please try to raise your shared "
                                "memory limit.")

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,7 +8,10 @@ import trainA
 import utils.train
 from conftest import TINY_ARGS, interrupted_in_epoch, make_dataset, only_dir, read_metrics
 from utils.runtime import Precision
-from utils.train import NonFiniteLoss, Optimisation, fit
+from utils.checkpoint import CheckpointWriter
+from utils.distributed import DistInfo
+from utils.optim import Optimisation
+from utils.train import FitInputs, NonFiniteLoss, fit
 
 
 
@@ -62,7 +66,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path, m
     real = utils.train.train_one_epoch
 
     def dies_in_epoch_3(*args, **kwargs):
-        if kwargs.get("epoch", args[7] if len(args) > 7 else None) == 3:
+        if args[4] == 3:
             raise SimulatedKill
         return real(*args, **kwargs)
 
@@ -111,8 +115,9 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with pytest.raises(NonFiniteLoss) as info:
-        fit(model, data, data[:2], Optimisation(optimizer, scheduler, NaNAfter(8)), epochs=3,
-            precision=Precision(torch.device("cpu")), num_classes=3, run_dir=tmp_path, checkpoint_meta={"config": {}},
+        opt = Optimisation(optimizer, scheduler, NaNAfter(8))
+        fit(FitInputs(model, data, data[:2], Precision(torch.device("cpu")), "none", 3), opt,
+            CheckpointWriter(tmp_path, {"config": {}}, model, opt, DistInfo()), SimpleNamespace(epochs=3, patience=0, seed=0),
             log_epoch=lambda m: None)
     assert (info.value.epoch, info.value.step) == (2, 3)
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1

@@ -15,8 +15,9 @@ from torch import nn
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
+    from .distributed import DistInfo
     from .ema import WeightEMA
-    from .train import DistContext, Optimisation
+    from .optim import Optimisation
 
 FORMAT_VERSION = 1
 
@@ -102,6 +103,16 @@ class FitState:
     epochs_without_improvement: int = 0
     last_metrics: dict = field(default_factory=dict)
 
+    def record(self, metrics: dict) -> bool:
+        """Take in a finished epoch's metrics; True when its val_accuracy is the best so far."""
+        self.epoch, self.last_metrics = metrics["epoch"], metrics
+        if metrics["val_accuracy"] > self.best_val_accuracy:
+            self.best_val_accuracy, self.best_epoch = metrics["val_accuracy"], metrics["epoch"]
+            self.epochs_without_improvement = 0
+            return True
+        self.epochs_without_improvement += 1
+        return False
+
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (full disk, say); what was written before is intact."""
@@ -116,13 +127,12 @@ class CheckpointWriter:
     meta: dict
     model: nn.Module  # the whole, unwrapped model
     opt: Optimisation
-    dist: DistContext
+    dist: DistInfo
 
     def save(self, name: str, state: FitState, full: bool, interrupted: bool = False) -> None:
         # Under DDP every rank's RNG state goes into last.pt (a collective: not on Ctrl-C, where
         # ranks may stop at different places; a resume then derives per-rank streams instead).
-        gather = self.dist.gather if full and not interrupted else None
-        rng_ranks = gather(capture_rng_state()) if gather is not None else None
+        rng_ranks = self.dist.gather(capture_rng_state()) if full and not interrupted else None
         if not self.dist.is_main:
             return
         ema = self.opt.ema

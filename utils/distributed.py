@@ -31,6 +31,19 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def reduce(self):
+        """All-reduce sum of count tensors over the ranks; None for one process (nothing to add)."""
+        return all_reduce_sum if self.enabled else None
+
+    def wait_for_all(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def gather(self, value) -> list | None:
+        """Every rank's value, in rank order, on every rank; None for one process."""
+        return all_gather_object(value) if self.enabled else None
+
 
 def setup(device_name: str) -> tuple[DistInfo, str]:
     """Join torchrun's process group if launched by torchrun; returns (info, device name)."""
@@ -79,10 +92,6 @@ def all_gather_object(value) -> list:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def barrier() -> None:
-    dist.barrier()
 
 
 def broadcast_object(value, src: int = 0):

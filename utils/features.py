@@ -5,7 +5,6 @@ how to split the model)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,19 +13,9 @@ from torch import nn
 from data.loaders import FeatureBatches, in_order
 
 from .evaluation import evaluate
-from .optim import build_optimizer, build_scheduler, split_decay
+from .optim import Optimisation, build_optimizer, build_scheduler, split_decay
 from .runtime import Precision
-from .train import train_one_epoch
-
-
-@dataclass
-class FitInputs:
-    """What fit() trains and validates: the model's images, or a head's features."""
-    module: nn.Module
-    train: object
-    val: object
-    precision: Precision
-    tta: str
+from .train import FitInputs, train_one_epoch
 
 
 @torch.no_grad()
@@ -50,20 +39,19 @@ def feature_batches(extract: Callable, train_loader, val_loader, precision: Prec
     return train, FeatureBatches(*compute_features(extract, val_loader, precision), batch_size, False, seed)
 
 
-def feature_inputs(split: Callable, model: nn.Module, train_loader, val_loader, precision: Precision,
-                   batch_size: int, seed: int, compile_asked: bool, say: Callable,
-                   computed: tuple | None = None) -> FitInputs:
+def feature_inputs(split: Callable, model: nn.Module, data, precision: Precision, cfg, say: Callable) -> FitInputs:
     """split(model) -> (extract, head). The head trains in fp32 (it is tiny) on features of the
-    frozen backbone: computed here, or the ones --probe_epochs already computed."""
+    frozen backbone: computed here, or the ones --probe_epochs already computed (data.features)."""
     extract, head = split(model)
     started = time.perf_counter()
-    train, val = computed or feature_batches(extract, train_loader, val_loader, precision, batch_size, seed)
-    if compile_asked:
+    train, val = data.features or feature_batches(extract, data.loaders[0], data.loaders[1], precision,
+                                                  cfg.batch_size, cfg.seed)
+    if cfg.compile:
         say("--compile: not applied, the feature cache trains only the head (one small layer)")
-    when = "reused from the probe" if computed else f"computed once in {time.perf_counter() - started:.1f}s"
+    when = "reused from the probe" if data.features else f"computed once in {time.perf_counter() - started:.1f}s"
     say(f"frozen features of {len(train.labels) + len(val.labels)} images {when}; epochs now train the head only")
     # A feature vector has no mirror image: no flip TTA on features (the test, on images, uses --tta).
-    return FitInputs(head, train, val, Precision(precision.device), "none")
+    return FitInputs(head, train, val, Precision(precision.device), "none", len(data.class_names))
 
 
 def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cfg) -> str:
@@ -79,13 +67,12 @@ def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cf
                                 cfg.probe_lr, cfg.momentum)
     steps = cfg.probe_epochs * len(train)
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps, round(cfg.warmup_epochs * len(train)))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                       torch.amp.GradScaler(precision.device.type, enabled=False))
     head_precision = Precision(precision.device)
-    scaler = torch.amp.GradScaler(precision.device.type, enabled=False)
     for epoch in range(1, cfg.probe_epochs + 1):
         train.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
-        stats = train_one_epoch(head, train, optimizer, scheduler, scaler, loss_fn, head_precision, epoch,
-                                show_progress=False)
+        stats = train_one_epoch(head, train, opt, head_precision, epoch, show_progress=False)
     result = evaluate(head, val, head_precision, len(data.class_names), desc="probe val", show_progress=False)
     return (f"probe: the head trained alone for {cfg.probe_epochs} epochs on frozen features of "
             f"{len(train.labels)} train images ({time.perf_counter() - started:.1f}s): train_accuracy "

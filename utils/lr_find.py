@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import distributed
 from .checkpoint import capture_rng_state, restore_rng_state
 from .errors import EXIT_OK
 from .rundir import write_state
@@ -130,7 +129,6 @@ def run_lr_find(run, model: nn.Module, inputs, opt, steps: int, run_dir: Path, t
         find_learning_rate(run.cfg, module, opt, inputs.train, inputs.precision, steps, run_dir, tracker,
                            run.recipe.script)
         write_state(run_dir, "lr_find")
-    if run.dist.enabled:
-        distributed.barrier()
+    run.dist.wait_for_all()
     tracker.finish()
     return EXIT_OK

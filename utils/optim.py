@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .ema import WeightEMA
+
+
+@dataclass
+class Optimisation:
+    """What a training step uses besides the model and the batch: the optimizer and its schedule,
+    the loss, the fp16 scaler and the per-step tools."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: nn.Module
+    scaler: torch.amp.GradScaler | None = None  # None: fit() makes one from the precision (enabled for fp16)
+    mix: Callable | None = None  # MixUp/CutMix on train batches
+    ema: WeightEMA | None = None  # averaged weights, validated and saved as best.pt
+    before_epoch: Callable[[int], None] | None = None  # epoch -> None, e.g. trainB's gradual unfreezing
 
 
 def split_decay(named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,

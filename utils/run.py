@@ -26,17 +26,17 @@ from .checkpoint import check_script, load_checkpoint
 from .distributed import DistInfo
 from .ema import WeightEMA
 from .errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
-from .features import FitInputs, feature_inputs
+from .features import feature_inputs
 from .inputs import RunData, load_data
 from .lr_find import run_lr_find
-from .optim import build_optimizer, build_scheduler
+from .optim import Optimisation, build_optimizer, build_scheduler
 from .rundir import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
 from .runtime import make_precision, prepare_model, seed_everything
 from .tracking import Tracker
-from .checkpoint import CheckpointWriteError, FitState, restore_training_state
+from .checkpoint import CheckpointWriteError, CheckpointWriter, FitState, restore_training_state
 from .runtime import Precision
 from .evaluation import evaluate
-from .train import DataWorkersDied, DistContext, NonFiniteLoss, Optimisation, TrainingInterrupted, fit
+from .train import DataWorkersDied, FitInputs, NonFiniteLoss, TrainingInterrupted, fit
 
 
 @dataclass
@@ -191,15 +191,8 @@ def fit_inputs(run: Run, model: nn.Module, trained: nn.Module, data: RunData) ->
     """The images through the whole model, or (trainB's feature cache) features through the head."""
     train_loader, val_loader, _ = data.loaders
     if run.recipe.feature_cache is None or run.dist.enabled:
-        return FitInputs(trained, train_loader, val_loader, run.precision, run.cfg.tta)
-    return feature_inputs(run.recipe.feature_cache, model, train_loader, val_loader, run.precision,
-                          run.cfg.batch_size, run.cfg.seed, run.cfg.compile, run.say, data.features)
-
-
-def dist_context(dist: DistInfo) -> DistContext:
-    if not dist.enabled:
-        return DistContext()
-    return DistContext(dist.is_main, distributed.all_reduce_sum, distributed.barrier, distributed.all_gather_object)
+        return FitInputs(trained, train_loader, val_loader, run.precision, run.cfg.tta, len(data.class_names))
+    return feature_inputs(run.recipe.feature_cache, model, data, run.precision, run.cfg, run.say)
 
 
 def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, state: FitState | None, run_dir: Path,
@@ -208,10 +201,8 @@ def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, stat
     cfg, main, script = run.cfg, run.dist.is_main, run.recipe.script
     state = state or FitState()  # fit() updates it in place, so an early end still knows the best epoch
     try:
-        run.state = fit(inputs.module, inputs.train, inputs.val, opt, epochs=cfg.epochs, precision=inputs.precision,
-                        num_classes=len(meta["class_names"]), run_dir=run_dir, checkpoint_meta=meta,
-                        log_epoch=tracker.log_epoch, patience=cfg.patience, seed=cfg.seed, state=state,
-                        tta=inputs.tta, unwrap=lambda _: model, dist=dist_context(run.dist))
+        writer = CheckpointWriter(run_dir, meta, model, opt, run.dist)  # saves the unwrapped model
+        run.state = fit(inputs, opt, writer, cfg, tracker.log_epoch, state, run.dist)
         return None
     except NonFiniteLoss as error:
         kept = (f"best.pt (epoch {state.best_epoch}) is kept" if (run_dir / "best.pt").exists()
@@ -260,7 +251,7 @@ def test_best(run: Run, model: nn.Module, data: RunData, run_dir: Path, tracker:
     state, classes = run.state, data.class_names
     model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
     test = evaluate(model, data.loaders[2], run.precision, len(classes), desc="test", keep_predictions=True,
-                    show_progress=run.dist.is_main, reduce=dist_context(run.dist).reduce, tta=run.cfg.tta)
+                    show_progress=run.dist.is_main, reduce=run.dist.reduce, tta=run.cfg.tta)
     if not run.dist.is_main:
         return EXIT_OK
     results = report_test(test, classes, f"best.pt (epoch {state.best_epoch}, val_accuracy "

@@ -1,5 +1,6 @@
 """One training loop for both scripts: fit() = train_one_epoch() + evaluate() per epoch, with
-AMP, checkpoints, early stopping, Ctrl-C and NaN handling."""
+AMP, checkpoints, early stopping, Ctrl-C and NaN handling. The loop reads top to bottom: fit()
+at the end holds the epoch, train_one_epoch() above it the step."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import CheckpointWriter, FitState
-from .ema import WeightEMA
+from .distributed import DistInfo
 from .evaluation import evaluate
 from .interrupts import last_words, sigterm_as_interrupt, start_iterating
+from .optim import Optimisation
 from .runtime import Precision
 
 LOG_EVERY = 20  # steps between progress-bar refreshes; each refresh is one host-device sync
@@ -71,13 +73,12 @@ class EpochStats:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss_fn, precision: Precision,
-                    epoch: int, show_progress: bool = True,
+def train_one_epoch(model: nn.Module, loader, opt: Optimisation, precision: Precision, epoch: int, *,
                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    mix: Callable | None = None, ema: WeightEMA | None = None) -> EpochStats:
-    """One pass over loader. mix (MixUp/CutMix) turns a batch's labels into soft targets; the
-    accuracy is then counted against each mixed image's dominant label. ema is updated after
-    every optimizer step."""
+                    show_progress: bool = True) -> EpochStats:
+    """One pass over loader, one optimizer step a batch. opt.mix (MixUp/CutMix) turns a batch's
+    labels into soft targets; the accuracy is then counted against each mixed image's dominant
+    label. opt.ema is updated after every step. reduce: DistInfo.reduce under torchrun."""
     model.train()
     device = precision.device
     loss_sum = torch.zeros((), device=device)
@@ -91,21 +92,21 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss
         if batch is None:  # every file in the batch was unreadable
             continue
         inputs, targets = precision.to_device(*batch)
-        if mix is not None:
-            inputs, soft_targets = mix(inputs, targets)
+        if opt.mix is not None:
+            inputs, soft_targets = opt.mix(inputs, targets)
             targets = soft_targets.argmax(1)
         else:
             soft_targets = targets
         with precision.autocast():
             logits = model(inputs)
-            loss = loss_fn(logits.float(), soft_targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update()
+            loss = opt.loss_fn(logits.float(), soft_targets)
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss).backward()
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.scheduler.step()
+        if opt.ema is not None:
+            opt.ema.update()
         batch_size = targets.shape[0]
         images += batch_size
         loss_sum += loss.detach() * batch_size
@@ -149,101 +150,75 @@ def _check_finite(window: list[torch.Tensor], epoch: int, last_step: int,
 
 
 @dataclass
-class Optimisation:
-    """What fit() steps with: the optimizer and its schedule, the loss, and the per-step tools."""
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    loss_fn: nn.Module
-    scaler: torch.amp.GradScaler | None = None  # None: made from the precision (enabled for fp16)
-    mix: Callable | None = None  # MixUp/CutMix on train batches
-    ema: WeightEMA | None = None  # averaged weights, validated and saved as best.pt
-    before_epoch: Callable[[int], None] | None = None  # e.g. trainB's gradual unfreezing
+class FitInputs:
+    """What fit() trains and validates: the model's images, or (trainB's feature cache) a head's
+    features; module is what batches go through (maybe DDP-wrapped or compiled)."""
+    module: nn.Module
+    train: object
+    val: object
+    precision: Precision
+    tta: str
+    num_classes: int
 
 
-@dataclass
-class DistContext:
-    """How this process takes part in a torchrun job; the defaults are one process alone."""
-    is_main: bool = True
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce sum of count tensors
-    barrier: Callable[[], None] | None = None
-    gather: Callable[[object], list] | None = None  # every rank's object, on every rank
+def fit(inputs: FitInputs, opt: Optimisation, writer: CheckpointWriter, cfg, log_epoch: Callable[[dict], None],
+        state: FitState | None = None, dist: DistInfo = DistInfo()) -> FitState:
+    """Train for cfg.epochs (from state.epoch on), validating after each epoch, keeping best.pt
+    and last.pt, stopping after cfg.patience epochs without a better val_accuracy (0 = never).
 
-
-def fit(model: nn.Module, train_loader, val_loader, opt: Optimisation, *, epochs: int, precision: Precision,
-        num_classes: int, run_dir: Path, checkpoint_meta: dict, log_epoch: Callable[[dict], None],
-        patience: int = 0, seed: int = 0, state: FitState | None = None, tta: str = "none",
-        unwrap: Callable[[nn.Module], nn.Module] = lambda m: m, dist: DistContext = DistContext()) -> FitState:
-    """Train for epochs (from state.epoch on), validating after each, keeping best.pt/last.pt.
-
-    model is what the batches go through (maybe DDP-wrapped or compiled; unwrap(model) is saved).
     With opt.ema, validation and best.pt use the averaged weights; last.pt holds the raw weights
     and the average, so a resume is exact. Ctrl-C (or SIGTERM) saves last.pt and raises
     TrainingInterrupted; a NaN/inf loss raises NonFiniteLoss.
     """
-    state = state or FitState()
+    state, model, precision = state or FitState(), inputs.module, inputs.precision
     if opt.scaler is None:
         opt.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
-    writer = CheckpointWriter(run_dir, checkpoint_meta, unwrap(model), opt, dist)
     epoch = state.epoch + 1
     with sigterm_as_interrupt():
         try:
-            for epoch in range(state.epoch + 1, epochs + 1):
-                if _one_epoch(model, train_loader, val_loader, opt, precision, num_classes, epoch, epochs, seed,
-                              state, writer, log_epoch, tta, dist, patience):
+            for epoch in range(state.epoch + 1, cfg.epochs + 1):
+                # Shuffle and worker seeds depend on (seed, epoch) only: a resumed run sees the same batches.
+                if getattr(inputs.train, "generator", None) is not None:
+                    inputs.train.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
+                if opt.before_epoch is not None:
+                    opt.before_epoch(epoch)
+                lr = opt.optimizer.param_groups[0]["lr"]
+                train = train_one_epoch(model, inputs.train, opt, precision, epoch, reduce=dist.reduce,
+                                        show_progress=dist.is_main)
+                val = evaluate(model if opt.ema is None else opt.ema.eval_model(), inputs.val, precision,
+                               inputs.num_classes, desc=f"epoch {epoch} val", show_progress=dist.is_main,
+                               reduce=dist.reduce, tta=inputs.tta)
+                metrics = {"epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
+                           "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lr,
+                           "epoch_time_s": train.seconds, "train_images_per_s": train.images_per_s}
+                if state.record(metrics):
+                    writer.save("best.pt", state, full=False)
+                log_epoch(metrics)
+                writer.save("last.pt", state, full=True)
+                dist.wait_for_all()
+                if dist.is_main:
+                    tqdm.write(epoch_line(metrics, cfg.epochs, improved=state.best_epoch == epoch))
+                if cfg.patience and state.epochs_without_improvement >= cfg.patience:
+                    if dist.is_main:
+                        tqdm.write(f"early stop: val_accuracy has not improved for {cfg.patience} epochs "
+                                   f"(best {state.best_val_accuracy:.4f} at epoch {state.best_epoch})")
                     break
         except KeyboardInterrupt:
             # Keep what was trained: the weights and optimizer as they are now. Resuming
             # restarts this epoch from them.
             with last_words():
                 writer.save("last.pt", state, full=True, interrupted=True)
-            raise TrainingInterrupted(run_dir / "last.pt", epoch) from None
+            raise TrainingInterrupted(writer.run_dir / "last.pt", epoch) from None
         except RuntimeError as error:
             if not is_worker_death(error):
                 raise
             with last_words():
                 writer.save("last.pt", state, full=True, interrupted=True)
-            raise DataWorkersDied(error, run_dir / "last.pt", epoch) from None
+            raise DataWorkersDied(error, writer.run_dir / "last.pt", epoch) from None
     return state
 
 
-def _one_epoch(model, train_loader, val_loader, opt: Optimisation, precision: Precision, num_classes: int,
-               epoch: int, epochs: int, seed: int, state: FitState, writer: CheckpointWriter, log_epoch,
-               tta: str, dist: DistContext, patience: int) -> bool:
-    """Train and validate one epoch, save, log; True when early stopping ends the run."""
-    # The loader's shuffle and worker seeds depend on (seed, epoch) only, so a resumed run sees
-    # the same batches as an uninterrupted one.
-    generator = getattr(train_loader, "generator", None)
-    if generator is not None:
-        generator.manual_seed(seed * 1_000_003 + epoch)
-    if opt.before_epoch is not None:
-        opt.before_epoch(epoch)
-    lr = opt.optimizer.param_groups[0]["lr"]
-    train = train_one_epoch(model, train_loader, opt.optimizer, opt.scheduler, opt.scaler, opt.loss_fn, precision,
-                            epoch, show_progress=dist.is_main, reduce=dist.reduce, mix=opt.mix, ema=opt.ema)
-    val = evaluate(model if opt.ema is None else opt.ema.eval_model(), val_loader, precision, num_classes,
-                   desc=f"epoch {epoch} val", show_progress=dist.is_main, reduce=dist.reduce, tta=tta)
-    metrics = {"epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val.loss,
-               "val_accuracy": val.accuracy, "lr": lr, "epoch_time_s": train.seconds,
-               "train_images_per_s": train.images_per_s}
-    state.epoch, state.last_metrics = epoch, metrics
-    improved = val.accuracy > state.best_val_accuracy
-    if improved:
-        state.best_val_accuracy, state.best_epoch = val.accuracy, epoch
-        state.epochs_without_improvement = 0
-        writer.save("best.pt", state, full=False)
-    else:
-        state.epochs_without_improvement += 1
-    log_epoch(metrics)
-    writer.save("last.pt", state, full=True)
-    if dist.barrier is not None:
-        dist.barrier()
-    if dist.is_main:
-        tqdm.write(f"epoch {epoch}/{epochs}  train_loss {train.loss:.4f}  train_accuracy {train.accuracy:.4f}  "
-                   f"val_loss {val.loss:.4f}  val_accuracy {val.accuracy:.4f}{' *' if improved else ''}  "
-                   f"lr {lr:.2e}  {train.images_per_s:.0f} img/s  {train.seconds:.1f}s")
-    if patience and state.epochs_without_improvement >= patience:
-        if dist.is_main:
-            tqdm.write(f"early stop: val_accuracy has not improved for {patience} epochs "
-                       f"(best {state.best_val_accuracy:.4f} at epoch {state.best_epoch})")
-        return True
-    return False
+def epoch_line(m: dict, epochs: int, improved: bool) -> str:
+    return (f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  train_accuracy {m['train_accuracy']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}{' *' if improved else ''}  "
+            f"lr {m['lr']:.2e}  {m['train_images_per_s']:.0f} img/s  {m['epoch_time_s']:.1f}s")
