@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from data import AugmentSpec, build_eval_transform, build_train_transform, eval_resize, sample_images, working_size
+from data import AugmentSpec, Sizes, build_eval_transform, build_train_transform, sample_images, sizes_for
 from models import (ACTIVATION_NAMES, GLOBAL_POOLS, WHITEN_MODES, build_cnn, canonical_activation, filter_counts,
                     first_conv, min_image_size, summarize, whiten_first_conv_)
 from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
@@ -173,16 +173,16 @@ def config_from_checkpoint(checkpoint: dict) -> ConfigA:
     return normalise(config_from_dict(ConfigA, checkpoint["config"]))
 
 
-def eval_resize_of(cfg: ConfigA) -> int:
-    """The evaluation Resize (shorter side) of this config: its --crop_pct of --image_size."""
-    return eval_resize(cfg.image_size, cfg.crop_pct)
+def sizes_of(cfg: ConfigA) -> Sizes:
+    """Decode size, eval resize (--crop_pct of --image_size) and crop."""
+    return sizes_for(cfg.image_size, cfg.crop_pct)
 
 
 def rebuild_from_checkpoint(checkpoint: dict):
     cfg = config_from_checkpoint(checkpoint)
     model = build_model(cfg, len(checkpoint["class_names"]))
     model.load_state_dict(inference_weights(checkpoint))
-    return cfg, model, build_eval_transform(cfg.image_size, eval_resize_of(cfg))
+    return cfg, model, build_eval_transform(cfg.image_size, sizes_of(cfg).eval_resize)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summarize(build_model(cfg), (3, cfg.image_size, cfg.image_size)).format())
         return 0
 
-    resize = eval_resize_of(cfg)
-    eval_transform = build_eval_transform(cfg.image_size, resize)
+    sizes = sizes_of(cfg)
+    eval_transform = build_eval_transform(cfg.image_size, sizes.eval_resize)
     recipe = ModelRecipe(
         script="trainA",
         build_model=lambda num_classes: build_model(cfg, num_classes),
@@ -203,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            cfg.weight_decay),
         train_transform=build_train_transform(cfg.image_size, cfg.data_aug and AugmentSpec.from_config(cfg)),
         eval_transform=eval_transform,
-        resize_size=resize,
-        train_resize_size=working_size(cfg.image_size),
+        sizes=sizes,
         init_from_data=whiten_from_data(cfg, eval_transform) if cfg.whiten != "off" else None,
     )
     return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,
@@ -214,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 SPEC = ScriptSpec("trainA", get_args_parser, config_from_args, config_from_checkpoint, check_config, build_model,
-                  run_name, rebuild_from_checkpoint, SHAPE_FIELDS)
+                  rebuild_from_checkpoint, sizes_of, SHAPE_FIELDS)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 
-from data import AugmentSpec, build_eval_transform, build_train_transform
-from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family
-from models.weights import NORMS, Preprocessing, check_weights, preprocessing, resolve_arch, timm_pretrained_cfg
+from data import AugmentSpec, Sizes, build_eval_transform, build_train_transform, sizes_for
+from models.backbone import FREEZE_ALL, FineTuneNet, build_finetune_model, find_family, fixed_input_size
+from models.weights import NORMS, Preprocessing, check_weights, preprocessing, resolve_arch
 from utils.cli import OneLineParser, add_bool, choice, number, run_cli
 from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
@@ -128,7 +128,8 @@ class StrategyPlan:
     freeze_at_start: str | None  # FREEZE_ALL, the last frozen stage (inclusive), or None
     unfreeze_after: int | None  # gradual: everything trains after this epoch (frozen parameters
     #                             are in the optimizer from the start; DDP must allow unused ones)
-    feature_cache: bool  # the head trains on features of the frozen backbone, computed once
+    feature_cache: bool  # the head trains on features of the frozen backbone, computed once (freeze_all,
+    #                      unless --feature_cache false: measured no better on birds50)
     backbone_trains: bool  # some backbone stage trains at some point (--backbone_lr matters)
 
 
@@ -152,11 +153,11 @@ def build_model(cfg: ConfigB, num_classes: int = 10, weights: str | None = None)
 
 def check_config(cfg: ConfigB) -> None:
     """Checks that need no data and no download: arch, weights name, stage name, input size."""
-    family = find_family(cfg.arch)
+    find_family(cfg.arch)
     check_weights(*resolve_arch(cfg.arch), cfg.weights)
     if cfg.image_size < 32:
         raise UsageError(f"image_size={cfg.image_size} is too small for {cfg.arch} (need >= 32); raise --image_size")
-    fixed = fixed_input_size(cfg.arch, family)
+    fixed = fixed_input_size(cfg.arch)
     if fixed and cfg.image_size != fixed:
         raise UsageError(f"--arch {cfg.arch} takes only {fixed}x{fixed} inputs (fixed position embeddings); "
                          f"use --image_size {fixed}")
@@ -165,13 +166,6 @@ def check_config(cfg: ConfigB) -> None:
         raise UsageError(f"--head_epochs {cfg.head_epochs} leaves no epoch to fine-tune the backbone "
                          f"(--epochs {cfg.epochs}); lower --head_epochs or raise --epochs")
     build_structure(cfg)
-
-
-def fixed_input_size(arch: str, family) -> int | None:
-    if family.stages == "timm":
-        cfg = timm_pretrained_cfg(resolve_arch(arch)[1])
-        return int(cfg.input_size[-1]) if cfg is not None and getattr(cfg, "fixed_input_size", False) else None
-    return 224 if family.prefix == "vit" else None
 
 
 def build_structure(cfg: ConfigB) -> FineTuneNet:
@@ -199,9 +193,14 @@ def inputs(cfg: ConfigB) -> Preprocessing:
     return preprocessing(*resolve_arch(cfg.arch), cfg.weights, cfg.norm)
 
 
+def sizes_of(cfg: ConfigB) -> Sizes:
+    """Decode size, eval resize (the weights' crop share of --image_size) and crop."""
+    return sizes_for(cfg.image_size, inputs(cfg).crop_pct)
+
+
 def eval_transform(cfg: ConfigB):
     prep = inputs(cfg)
-    return build_eval_transform(cfg.image_size, prep.resize_for(cfg.image_size), prep.mean, prep.std)
+    return build_eval_transform(cfg.image_size, sizes_of(cfg).eval_resize, prep.mean, prep.std)
 
 
 def param_groups(model: FineTuneNet, cfg: ConfigB) -> list[dict]:
@@ -215,19 +214,13 @@ def param_groups(model: FineTuneNet, cfg: ConfigB) -> list[dict]:
 def unfreeze_after_head_epochs(cfg: ConfigB):
     unfreeze_after = plan_for(cfg).unfreeze_after
 
-    def before_epoch(model: FineTuneNet, optimizer, epoch: int) -> None:
+    def before_epoch(model: FineTuneNet, epoch: int) -> None:
         if epoch > unfreeze_after and model.frozen:
             model.freeze_upto(None)
             trainable, _ = model.count_parameters()
             print(f"epoch {epoch}: backbone unfrozen, {trainable:,} parameters train "
                   f"(head lr {cfg.lr:g}, backbone lr {cfg.backbone_lr:g})")
     return before_epoch
-
-
-def uses_feature_cache(cfg: ConfigB) -> bool:
-    """freeze_all trains on features computed once, unless --feature_cache false (then every
-    step runs the frozen backbone on augmented images: measured no better on birds50)."""
-    return plan_for(cfg).feature_cache
 
 
 def split_for_features(model: FineTuneNet):
@@ -268,23 +261,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     # With --resume the weights come from last.pt: skip the download.
     weights = "none" if args.resume else None
     prep, plan = inputs(cfg), plan_for(cfg)
-    print(prep.describe(cfg.image_size))
-    resize_size, mean, std = prep.resize_for(cfg.image_size), prep.mean, prep.std
+    sizes, mean, std = sizes_of(cfg), prep.mean, prep.std
+    print(prep.describe(sizes.eval_resize, sizes.image))
     recipe = ModelRecipe(
         script="trainB",
         build_model=lambda num_classes: build_model(cfg, num_classes, weights),
         param_groups=lambda model: param_groups(model, cfg),
         # Features are computed once, so with the feature cache train images are not augmented.
-        train_transform=build_train_transform(cfg.image_size, cfg.data_aug and not uses_feature_cache(cfg)
-                                              and AugmentSpec.from_config(cfg), resize_size, mean, std),
-        eval_transform=build_eval_transform(cfg.image_size, resize_size, mean, std),
-        resize_size=resize_size,
+        train_transform=build_train_transform(cfg.image_size, cfg.data_aug and not plan.feature_cache
+                                              and AugmentSpec.from_config(cfg), sizes.eval_resize, mean, std),
+        eval_transform=build_eval_transform(cfg.image_size, sizes.eval_resize, mean, std),
+        sizes=sizes,
         mean=mean,
         std=std,
         before_epoch=unfreeze_after_head_epochs(cfg) if plan.unfreeze_after is not None else None,
         find_unused_parameters=plan.unfreeze_after is not None,  # what trains changes mid-run
-        feature_cache=split_for_features if uses_feature_cache(cfg) else None,
-        augment=not uses_feature_cache(cfg),
+        feature_cache=split_for_features if plan.feature_cache else None,
+        augment=not plan.feature_cache,
         init_from_data=probe(cfg) if cfg.probe_epochs else None,
     )
 
@@ -299,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 SPEC = ScriptSpec("trainB", get_args_parser, config_from_args, config_from_checkpoint, check_config, build_structure,
-                  run_name, rebuild_from_checkpoint, SHAPE_FIELDS)
+                  rebuild_from_checkpoint, sizes_of, SHAPE_FIELDS)
 
 
 if __name__ == "__main__":

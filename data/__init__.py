@@ -1,7 +1,7 @@
 """Data: folder scan, stratified split, decoding, transforms and the NatureData Dataset."""
 
 from .dataset import NatureData, collate_skipping_unreadable, sample_images
-from .decode import eval_resize, load_rgb, working_size
+from .decode import Sizes, eval_resize, load_rgb, sizes_for, working_size
 from .download import DEFAULT_URL, ensure_dataset
 from .errors import DatasetError
 from .folder import IMAGE_EXTENSIONS, resolve_folders, scan_split, stratified_split, stratified_subset
@@ -14,6 +14,8 @@ __all__ = [
     "load_rgb",
     "working_size",
     "eval_resize",
+    "Sizes",
+    "sizes_for",
     "DEFAULT_URL",
     "ensure_dataset",
     "DatasetError",

@@ -36,6 +36,7 @@ class NatureData(Dataset):
         val_fraction: float = 0.2,
         seed: int = 0,
         train_fraction: float = 1.0,
+        decode_size: int | None = None,
     ):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
@@ -51,7 +52,8 @@ class NatureData(Dataset):
         self.split = split
         self.samples: list[Sample] = samples
         self.transform = transform
-        self.decode_size = working_size(image_size) if image_size else None
+        # decode_size (Sizes.decode): the shorter side files are decoded to; default working_size(image_size)
+        self.decode_size = decode_size or (working_size(image_size) if image_size else None)
 
     @property
     def targets(self) -> list[int]:

@@ -6,6 +6,7 @@ import math
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,6 +36,26 @@ def eval_resize(image_size: int, crop_pct: float) -> int:
     """Shorter side for evaluation so that the center crop of image_size keeps crop_pct of it
     (timm's crop_pct): 0.875 gives working_size (224 -> 256), 1 the whole shorter side."""
     return max(image_size, int(math.ceil(image_size / crop_pct - 1e-9)))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every pixel size of a run, worked out in sizes_for() alone and read by the dataset, the
+    decoded-image cache, the transforms, --test_only and --predict."""
+    image: int  # the square the network sees (--image_size)
+    eval_resize: int  # val, test, --predict: the shorter side is resized to this, then center-cropped to image
+    train_resize: int  # train images are decoded (and cached) at this shorter side; random crops take from it
+
+    @property
+    def decode(self) -> int:
+        """The smallest shorter side a file is decoded to (JPEG draft mode): enough for both."""
+        return max(self.eval_resize, self.train_resize)
+
+
+def sizes_for(image_size: int, crop_pct: float = 0.875) -> Sizes:
+    """The sizes of a run at image_size whose eval center crop keeps crop_pct of the shorter side
+    (trainA's --crop_pct, the crop share of trainB's weights)."""
+    return Sizes(image_size, eval_resize(image_size, crop_pct), working_size(image_size))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

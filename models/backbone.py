@@ -65,6 +65,17 @@ def find_family(arch: str) -> Family:
                            f"{SUPPORTED}, or any timm model")
 
 
+def fixed_input_size(arch: str) -> int | None:
+    """The only input size --arch takes, where its position embeddings fix it (ViTs), else None."""
+    family = find_family(arch)
+    if family.stages == "timm":
+        from .weights import timm_pretrained_cfg
+
+        cfg = timm_pretrained_cfg(resolve_arch(arch)[1])
+        return int(cfg.input_size[-1]) if cfg is not None and getattr(cfg, "fixed_input_size", False) else None
+    return 224 if family.prefix == "vit" else None
+
+
 def make_head(in_features: int, num_classes: int, kind: str = "linear", hidden: int = 512,
               dropout: float = 0.0) -> nn.Module:
     if kind == "linear":

@@ -227,13 +227,10 @@ class Preprocessing:
     crop_pct: float
     origin: str  # where the values come from, for the run's printout
 
-    def resize_for(self, image_size: int) -> int:
-        return round(image_size / self.crop_pct)
-
-    def describe(self, image_size: int) -> str:
+    def describe(self, eval_resize: int, image_size: int) -> str:
         mean = ", ".join(f"{v:g}" for v in self.mean)
         std = ", ".join(f"{v:g}" for v in self.std)
-        return (f"preprocessing: mean ({mean}), std ({std}), eval resize {self.resize_for(image_size)} + center crop "
+        return (f"preprocessing: mean ({mean}), std ({std}), eval resize {eval_resize} + center crop "
                 f"{image_size} ({self.origin})")
 
 

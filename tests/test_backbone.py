@@ -205,8 +205,8 @@ def test_feature_cache_matches_the_plain_path_within_noise(tmp_path, cache, caps
 
 
 def test_feature_cache_applies_only_to_freeze_all():
-    assert trainB.uses_feature_cache(trainB.ConfigB(strategy="freeze_all", data_aug=False))
-    assert trainB.uses_feature_cache(trainB.ConfigB(strategy="freeze_all", data_aug=True))
-    assert not trainB.uses_feature_cache(trainB.ConfigB(strategy="freeze_all", feature_cache="false"))
-    assert trainB.uses_feature_cache(trainB.ConfigB(strategy="freeze_all", feature_cache="true"))
-    assert not trainB.uses_feature_cache(trainB.ConfigB(strategy="full", feature_cache="true"))
+    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", data_aug=False)).feature_cache
+    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", data_aug=True)).feature_cache
+    assert not trainB.plan_for(trainB.ConfigB(strategy="freeze_all", feature_cache="false")).feature_cache
+    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", feature_cache="true")).feature_cache
+    assert not trainB.plan_for(trainB.ConfigB(strategy="full", feature_cache="true")).feature_cache

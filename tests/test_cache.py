@@ -10,7 +10,7 @@ import torch
 
 import trainA
 from conftest import ROOT, TINY_ARGS, write_image
-from data import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, NatureData, build_eval_transform, working_size
+from data import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, NatureData, build_eval_transform, sizes_for, working_size
 from data.cache import build_or_load, crop_offset
 from data.augment import BatchAugment
 from data.loaders import CachedBatches
@@ -51,7 +51,7 @@ def test_eval_crop_is_the_same_on_both_paths_and_the_train_split_keeps_its_margi
             for split in ("train", "val", "test")]
     cfg = SimpleNamespace(cache_dir=str(tmp_path / "cache"), image_size=32, data_aug=False, batch_size=64, seed=0,
                           data_on_device="false", crop_scale=0.6, jitter=0.0, erasing=0.0, auto_augment="none")
-    recipe = ModelRecipe("trainA", None, None, None, None, resize_size=resize, train_resize_size=working_size(32))
+    recipe = ModelRecipe("trainA", None, None, None, None, sizes=sizes_for(32, crop_pct))
     run = SimpleNamespace(cfg=cfg, recipe=recipe, say=print, dist=SimpleNamespace(rank=0, world=1),
                           precision=SimpleNamespace(device=torch.device("cpu"), channels_last=False))
     train, _, test = cached_loaders(run, *sets)

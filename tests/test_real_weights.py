@@ -12,7 +12,7 @@ import torch
 
 import trainB
 from conftest import ROOT, make_dataset, only_dir
-from data import build_eval_transform
+from data import build_eval_transform, sizes_for
 from data.decode import load_rgb
 from models.backbone import build_finetune_model
 from models.weights import create_network, resolve_arch
@@ -70,7 +70,7 @@ def test_the_weights_file_classifies_real_photos_only_with_its_own_normalisation
 
 def test_auto_normalisation_follows_the_weights(lite0_file):
     prep = trainB.inputs(trainB.ConfigB(arch=ARCH, weights=lite0_file))
-    assert prep.mean == (0.5, 0.5, 0.5) and prep.std == (0.5, 0.5, 0.5) and prep.resize_for(224) == 256
+    assert prep.mean == (0.5, 0.5, 0.5) and prep.std == (0.5, 0.5, 0.5) and sizes_for(224, prep.crop_pct).eval_resize == 256
     assert trainB.inputs(trainB.ConfigB(arch=ARCH, weights=lite0_file, norm="imagenet")).std[0] == 0.229
 
 
@@ -113,10 +113,10 @@ def test_gradual_keeps_the_backbone_for_head_epochs_then_moves_it(birds, tmp_pat
     def watched(cfg):
         unfreeze = real(cfg)
 
-        def before_epoch(model, optimizer, epoch):
+        def before_epoch(model, epoch):
             if epoch == cfg.head_epochs + 1:  # the head epochs are over, nothing unfrozen yet
                 seen["after_head_epochs"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            unfreeze(model, optimizer, epoch)
+            unfreeze(model, epoch)
         return before_epoch
 
     monkeypatch.setattr(trainB, "unfreeze_after_head_epochs", watched)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import trainA
+import trainB
 from conftest import TINY_ARGS, interrupted_in_epoch, make_dataset, only_dir, read_metrics, run_main
 from data import AugmentSpec, NatureData, build_train_transform, stratified_subset
 from data.augment import BatchAugment
@@ -37,13 +38,18 @@ def test_augment_spec_rejects_out_of_range_values():
 
 def test_streaming_transform_follows_the_spec():
     names = lambda t: [type(s).__name__ for s in t.transforms]  # noqa: E731
-    full = build_train_transform(32, AugmentSpec(auto_augment="randaugment"))
+    full = build_train_transform(32, AugmentSpec(crop_scale=0.35, jitter=0.2, erasing=0.1, auto_augment="randaugment"))
     assert names(full)[1:4] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"]
     assert "ColorJitter" in names(full) and "RandomErasing" in names(full)
     assert full.transforms[1].scale == (0.35, 1.0)
     plain = build_train_transform(32, AugmentSpec(crop_scale=0.8, jitter=0, erasing=0))
     assert "ColorJitter" not in names(plain) and "RandomErasing" not in names(plain)
     assert plain.transforms[1].scale == (0.8, 1.0)
+    # One set of defaults: augment=True is what the scripts run by default
+    default = build_train_transform(32, True)
+    assert default.transforms[1].scale == (trainA.ConfigA().crop_scale, 1.0)
+    assert "ColorJitter" not in names(default) and "RandomErasing" not in names(default)
+    assert AugmentSpec.from_config(trainA.ConfigA()) == AugmentSpec() == AugmentSpec.from_config(trainB.ConfigB())
 
 
 @pytest.mark.parametrize("policy", ["trivialwide", "randaugment"])

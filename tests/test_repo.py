@@ -30,7 +30,8 @@ def test_requirements_have_lower_bounds_only():
 def test_flag_reference_is_generated_from_the_parsers():
     from utils import flagdoc
 
-    assert (ROOT / "docs" / "flags.md").read_text() == flagdoc.render(), "run: python -m utils.flagdoc > docs/flags.md"
+    expected = flagdoc.render(ROOT / "trainA.py", ROOT / "trainB.py")
+    assert (ROOT / "docs" / "flags.md").read_text() == expected, "run: python -m utils.flagdoc trainA.py trainB.py > docs/flags.md"
 
 
 @pytest.mark.parametrize("script", ["trainA", "trainB"])
@@ -77,3 +78,67 @@ def test_docs_map_names_every_module():
         for module in sorted((ROOT / folder).glob("*.py")):
             if module.name != "__init__.py":
                 assert f"`{folder}/{module.name}`" in map_text, module
+
+
+def _project_imports() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (TYPE_CHECKING imports too: a cycle there is
+    still one for a reader). Modules are named like 'utils.train', 'trainA'."""
+    import ast
+
+    files = [ROOT / "trainA.py", ROOT / "trainB.py"] + [p for d in ("data", "models", "utils")
+                                                          for p in sorted((ROOT / d).glob("*.py"))]
+    names = {p: (p.stem if p.parent == ROOT else f"{p.parent.name}.{p.stem}") for p in files}
+    known = set(names.values()) | {"data", "models", "utils"}
+    graph = {}
+    for path, name in names.items():
+        package = name.rsplit(".", 1)[0] if "." in name else ""
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package if node.level else ""
+                module = ".".join(x for x in (base, node.module or "") if x)
+                targets = [module] + [f"{module}.{a.name}" for a in node.names]
+            else:
+                continue
+            found |= {t for t in targets if t in known and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_imports_point_one_way_and_never_in_a_circle():
+    graph = _project_imports()
+    for name, imported in graph.items():
+        layer = name.split(".")[0]
+        if layer in ("data", "models"):
+            assert not {i for i in imported if i.split(".")[0] in ("utils", "trainA", "trainB")}, name
+        if layer == "utils":
+            assert not imported & {"trainA", "trainB"}, f"{name} imports a script"
+    # no cycle: a depth-first walk never meets a module still on its path
+    state: dict[str, str] = {}
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != "open", "import cycle: " + " -> ".join(path + [node, nxt])
+            if nxt not in state:
+                walk(nxt, path + [node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node, [])
+
+
+def test_no_module_over_300_lines_and_no_function_over_60():
+    import ast
+
+    for path in [ROOT / "trainA.py", ROOT / "trainB.py"] + [p for d in ("data", "models", "utils")
+                                                             for p in (ROOT / d).glob("*.py")]:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 300, f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}() is {length} lines"

@@ -75,7 +75,7 @@ def test_a_run_whitens_its_first_conv_from_the_train_split_and_frozen_keeps_it(t
     weight = torch.load(run_dir / "last.pt", weights_only=True)["model"]["features.0.conv.weight"]
     cfg = trainA.ConfigA(image_size=32)
     train = NatureData(tiny_data, "train", image_size=32, seed=3)
-    images = sample_images(train, trainA.WHITEN_IMAGES, build_eval_transform(32, trainA.eval_resize_of(cfg)), 3)
+    images = sample_images(train, trainA.WHITEN_IMAGES, build_eval_transform(32, trainA.sizes_of(cfg).eval_resize), 3)
     expected, _ = whitening_filters(images, 3, 4)
     assert ("whiten: first conv's 4 filters from the patches of 24 train images" in printed) == (mode != "off")
     distance = ((weight - expected).norm() / expected.norm()).item()

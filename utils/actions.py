@@ -10,7 +10,6 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from torch import nn
 
 from data import NatureData, ensure_dataset
 from data.loaders import make_loader
@@ -30,8 +29,8 @@ class ScriptSpec:
     config_from_checkpoint: Callable  # checkpoint dict -> config
     check_config: Callable  # raises UsageError/ModelConfigError for what can fail without data
     build_model: Callable  # config -> the model's structure, no weights loaded (sweep checks)
-    run_name: Callable  # config -> run name
     rebuild_from_checkpoint: Callable  # checkpoint -> (config, model with weights, eval transform)
+    sizes: Callable  # config -> data.Sizes (decode, eval resize, crop)
     shape_fields: tuple[str, ...] = ()  # flags whose combinations decide whether the model builds
 
     def parse_args(self, argv: Sequence[str] | None = None):
@@ -44,7 +43,7 @@ def open_run(spec: ScriptSpec, argv: Sequence[str] | None):
     data is touched: (None, args, config)."""
     parser = spec.get_args_parser()
     args = parser.parse_args(argv)
-    code = run_checkpoint_action(args, parser, spec.name, spec.rebuild_from_checkpoint)
+    code = run_checkpoint_action(args, parser, spec)
     if code is not None:
         return code, None, None
     cfg = config_for_run(args, parser, spec.config_from_args, spec.config_from_checkpoint)
@@ -102,12 +101,12 @@ def explicit_flags(args, parser) -> set[str]:
     return {name for name, value in vars(args).items() if value != parser.get_default(name)}
 
 
-def run_checkpoint_action(args, parser, script: str, rebuild: Callable) -> int | None:
+def run_checkpoint_action(args, parser, spec: ScriptSpec) -> int | None:
     """--predict / --test_only, which need only a checkpoint; None when neither was asked for."""
     from .predict import predict
 
     if args.predict:
-        return predict(args.predict, args.checkpoint, script, rebuild, args.device, prog=f"{script}.py")
+        return predict(args.predict, args.checkpoint, spec, args.device, prog=f"{spec.name}.py")
     if args.test_only:
         given = explicit_flags(args, parser)
         ignored = sorted(given - TEST_ONLY_FLAGS - NO_EFFECT_ON_RESULTS - {"test_only", "checkpoint"})
@@ -116,7 +115,7 @@ def run_checkpoint_action(args, parser, script: str, rebuild: Callable) -> int |
             raise UsageError(f"--test_only evaluates the checkpoint with its own saved settings, so "
                              f"{', '.join('--' + n for n in ignored)} would be ignored (with --test_only only "
                              f"--checkpoint, {allowed} apply); drop it, or train a new run with it")
-        return test_only(args.checkpoint, script, rebuild, data_dir=args.data_dir if "data_dir" in given else None,
+        return test_only(args.checkpoint, spec, data_dir=args.data_dir if "data_dir" in given else None,
                          device=args.device, batch_size=args.batch_size if "batch_size" in given else None,
                          num_workers=args.num_workers)
     return None
@@ -174,20 +173,17 @@ def pictures_maker(cfg, guided: bool) -> Callable:
     return make
 
 
-def test_only(checkpoint_path: str, script: str, rebuild: Callable[[dict], tuple[object, nn.Module, Callable]],
-              data_dir: str | None, device: str, batch_size: int | None, num_workers: int) -> int:
-    """Evaluate a checkpoint on the test folder using only what the checkpoint carries.
-
-    rebuild(checkpoint) -> (config, model with weights, eval transform).
-    """
+def test_only(checkpoint_path: str, spec: ScriptSpec, data_dir: str | None, device: str, batch_size: int | None,
+              num_workers: int) -> int:
+    """Evaluate a checkpoint on the test folder using only what the checkpoint carries."""
     if not checkpoint_path:
         raise UsageError("--test_only needs --checkpoint PATH (a best.pt or last.pt)")
     checkpoint = load_checkpoint(checkpoint_path)
-    check_script(checkpoint, script, checkpoint_path)
-    cfg, model, eval_transform = rebuild(checkpoint)
+    check_script(checkpoint, spec.name, checkpoint_path)
+    cfg, model, eval_transform = spec.rebuild_from_checkpoint(checkpoint)
     precision = make_precision(cfg, device)
     test_set = NatureData(ensure_dataset(data_dir or cfg.data_dir, download=False), "test", eval_transform,
-                          image_size=cfg.image_size)
+                          image_size=cfg.image_size, decode_size=spec.sizes(cfg).decode)
     if test_set.classes != list(checkpoint["class_names"]):
         raise UsageError(f"the test folder's classes {test_set.classes} differ from the checkpoint's "
                          f"{checkpoint['class_names']}; point --data_dir at the data set it was trained on")

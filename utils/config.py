@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from data.transforms import AUTO_AUGMENTS
+from data.transforms import AUTO_AUGMENTS, AugmentSpec
 
 from .cli import add_bool, choice, number, str2bool
 
@@ -26,10 +26,11 @@ class TrainConfig:
     val_fraction: float = 0.2  # of train/, stratified by class
     image_size: int = 224  # pixels, square crop fed to the model
     data_aug: bool = True
-    crop_scale: float = 0.6  # smallest area share a random resized crop keeps
-    jitter: float = 0.0  # brightness/contrast/saturation in [1 - jitter, 1 + jitter]
-    erasing: float = 0.0  # probability of erasing one random box per image
-    auto_augment: str = "none"  # none, trivialwide, randaugment (torchvision's policies)
+    # augmentation strength: data.AugmentSpec holds the one set of defaults
+    crop_scale: float = AugmentSpec.crop_scale  # smallest area share a random resized crop keeps
+    jitter: float = AugmentSpec.jitter  # brightness/contrast/saturation in [1 - jitter, 1 + jitter]
+    erasing: float = AugmentSpec.erasing  # probability of erasing one random box per image
+    auto_augment: str = AugmentSpec.auto_augment  # none, trivialwide, randaugment (torchvision's policies)
     mixup_alpha: float = 0.0  # 0 = off
     cutmix_alpha: float = 0.0  # 0 = off; with both > 0, one of the two per batch
     train_fraction: float = 1.0  # stratified, seeded share of the training split to use

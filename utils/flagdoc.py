@@ -1,16 +1,21 @@
 """docs/flags.md, generated from the two scripts' parsers (so every flag and default in it is
-the parser's own; tests/test_docs.py checks the file is current).
+the parser's own; tests/test_repo.py checks the file is current).
 
-    python -m utils.flagdoc > docs/flags.md
+    python -m utils.flagdoc trainA.py trainB.py > docs/flags.md
+
+The scripts are named on the command line (utils/ never imports them: they sit above it).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from .cli import load_program
 
 HEADER = """# Every flag, with its default
 
-Generated from the parsers by `python -m utils.flagdoc > docs/flags.md` (a test checks it is
+Generated from the parsers by `python -m utils.flagdoc trainA.py trainB.py > docs/flags.md` (a test checks it is
 current); `python trainA.py --help` and `python trainB.py --help` say the same. Canonical names
 use underscores because they are also the sweep and wandb config keys; dashed spellings
 (`--batch-size`) work too. Booleans take `true/false/1/0/yes/no` in any case, and a bare flag
@@ -52,20 +57,23 @@ def parser_tables(parser: argparse.ArgumentParser, skip_groups: tuple[str, ...] 
     return "\n".join(out) + "\n"
 
 
-def render() -> str:
-    import trainA
-    import trainB
-
-    b_defaults = {a.dest: a.default for a in trainB.get_args_parser()._actions}
-    a_defaults = {a.dest: a.default for a in trainA.get_args_parser()._actions}
+def render(first_path, second_path) -> str:
+    """The first script's flags in full; the second's own flags, and its changed defaults of the
+    flags both share."""
+    first, second = load_program(first_path), load_program(second_path)
+    b_defaults = {a.dest: a.default for a in second.get_args_parser()._actions}
+    a_defaults = {a.dest: a.default for a in first.get_args_parser()._actions}
     changed = ", ".join(f"`--{k} {b_defaults[k]}`" for k in sorted(b_defaults)
                         if k in a_defaults and b_defaults[k] != a_defaults[k] and k != "help")
-    return (HEADER + "\n## trainA.py\n" + parser_tables(trainA.get_args_parser())
-            + "\n## trainB.py\n\nThe same data, optimisation, speed, hardware, output and action flags as trainA.py, "
+    a_name, b_name = f"{first.__name__}.py", f"{second.__name__}.py"
+    return (HEADER + f"\n## {a_name}\n" + parser_tables(first.get_args_parser())
+            + f"\n## {b_name}\n\nThe same data, optimisation, speed, hardware, output and action flags as {a_name}, "
             f"with these defaults changed: {changed}. Its own flags:\n"
-            + parser_tables(trainB.get_args_parser(), skip_groups=("data", "optimisation", "speed", "hardware",
-                                                                     "output and tracking", "actions")))
+            + parser_tables(second.get_args_parser(), skip_groups=("data", "optimisation", "speed", "hardware",
+                                                                    "output and tracking", "actions")))
 
 
 if __name__ == "__main__":
-    print(render(), end="")
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m utils.flagdoc trainA.py trainB.py > docs/flags.md")
+    print(render(sys.argv[1], sys.argv[2]), end="")

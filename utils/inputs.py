@@ -44,7 +44,8 @@ def load_data(run) -> RunData:
     if run.dist.enabled:
         num_workers = max(0, num_workers // run.dist.world)
     data_dir = ensure_dataset(cfg.data_dir, cfg.data_url, wants_download(cfg), cfg.keep_zip)  # locked: one downloads
-    common = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    common = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                  decode_size=recipe.sizes.decode)
     train_set = NatureData(data_dir, "train", recipe.train_transform, train_fraction=cfg.train_fraction, **common)
     val_set = NatureData(data_dir, "val", recipe.eval_transform, **common)
     test_set = NatureData(data_dir, "test", recipe.eval_transform, **common)
@@ -86,9 +87,9 @@ def cached_loaders(run, train_set, val_set, test_set) -> tuple:
     loaders = []
     for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)):
         train = dataset is train_set
-        size = (recipe.train_resize_size or recipe.resize_size) if train else recipe.resize_size
-        split = build_or_load(dataset.samples, max(dataset.decode_size or 0, size), size, cfg.image_size, cache_dir,
-                              name)
+        sizes = recipe.sizes
+        split = build_or_load(dataset.samples, sizes.decode, sizes.train_resize if train else sizes.eval_resize,
+                              cfg.image_size, cache_dir, name)
         skipped = int((~split.valid).sum())
         refuse_if_unreadable(name, dataset.root, len(split.valid), len(split.valid) - skipped)
         if skipped:

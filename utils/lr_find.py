@@ -125,7 +125,7 @@ def find_learning_rate(cfg, model: nn.Module, opt, loader, precision: Precision,
 def run_lr_find(run, model: nn.Module, inputs, opt, steps: int, run_dir: Path, tracker) -> int:
     """--lr_find on rank 0 (the others wait): the unwrapped module, no DDP collectives."""
     if run.dist.is_main:
-        module = inputs.module if run.recipe.feature_cache and not run.dist.enabled else model
+        module = inputs.module if run.on_features else model
         find_learning_rate(run.cfg, module, opt, inputs.train, inputs.precision, steps, run_dir, tracker,
                            run.recipe.script)
         write_state(run_dir, "lr_find")

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import nn
 
-from data import IMAGE_EXTENSIONS, load_rgb, working_size
+from data import IMAGE_EXTENSIONS, load_rgb
 from data.decode import UNREADABLE
 
 from .checkpoint import check_script, load_checkpoint
@@ -41,22 +39,22 @@ def expand(paths: list[str]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(paths: list[str], checkpoint_path: str, script: str,
-            rebuild: Callable[[dict], tuple[object, nn.Module, Callable]], device: str = "auto",
-            top: int = 3, prog: str = "") -> int:
+def predict(paths: list[str], checkpoint_path: str, spec, device: str = "auto", top: int = 3, prog: str = "") -> int:
+    """The top classes of each image with the checkpoint's model; spec: the script's ScriptSpec."""
     if not checkpoint_path:
         raise UsageError("--predict needs --checkpoint PATH (a best.pt or last.pt)")
     checkpoint = load_checkpoint(checkpoint_path)  # refuse a bad checkpoint before anything else
     files = expand(paths)
-    check_script(checkpoint, script, checkpoint_path)
-    cfg, model, transform = rebuild(checkpoint)
+    check_script(checkpoint, spec.name, checkpoint_path)
+    cfg, model, transform = spec.rebuild_from_checkpoint(checkpoint)
+    decode_size = spec.sizes(cfg).decode
     classes = list(checkpoint["class_names"])
     target = resolve_device(device)
     model = model.to(target).eval()
     failed = 0
     for path in files:
         try:
-            image = load_rgb(str(path), working_size(cfg.image_size))
+            image = load_rgb(str(path), decode_size)
         except UNREADABLE as error:
             print(f"{prog}: error: cannot read image '{path}' ({str(error)[:100]}); skipped", file=sys.stderr)
             failed += 1

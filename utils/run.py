@@ -8,6 +8,7 @@ Under torchrun every rank runs this; rank 0 alone prints, logs and writes files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from data import IMAGENET_MEAN, IMAGENET_STD
+from data import IMAGENET_MEAN, IMAGENET_STD, Sizes
 from data.augment import build_mix
 from data.loaders import CachedBatches
 
@@ -47,12 +48,11 @@ class ModelRecipe:
     param_groups: Callable[[nn.Module], list[dict]]  # model -> optimizer groups (each with its lr)
     train_transform: Callable
     eval_transform: Callable
-    resize_size: int  # the eval transform's Resize (shorter side), the decoded cache's square side
-    train_resize_size: int | None = None  # the train split's cached square, when not resize_size
+    sizes: Sizes  # decode, eval resize and crop (the transforms above are built from them)
     augment: bool = True  # train-time augmentation (with --data_aug); off where features are cached
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    before_epoch: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None
+    before_epoch: Callable[[nn.Module, int], None] | None = None  # (model, epoch), e.g. gradual's unfreezing
     find_unused_parameters: bool = False  # under DDP: some parameters get no gradient in some epochs
     # With a frozen backbone: model -> (features(images), head). fit() then trains only the
     # head on features computed once; checkpoints still hold the whole model.
@@ -72,6 +72,12 @@ class Run:
     precision: Precision
     checkpoint: dict | None
     state: FitState | None = None  # set by train()
+
+    @property
+    def on_features(self) -> bool:
+        """The epochs train the head on cached features (the recipe's feature_cache; under torchrun
+        every step runs the frozen backbone instead)."""
+        return self.recipe.feature_cache is not None and not self.dist.enabled
 
     def say(self, *args, **kwargs) -> None:
         if self.dist.is_main:
@@ -159,12 +165,11 @@ def set_up_training(run: Run, model: nn.Module, data: RunData, run_dir: Path):
     opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                        torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16),
                        mix=build_mix(cfg.mixup_alpha, cfg.cutmix_alpha, len(data.class_names)),
-                       before_epoch=(lambda epoch: recipe.before_epoch(model, optimizer, epoch))
-                       if recipe.before_epoch else None)
+                       before_epoch=functools.partial(recipe.before_epoch, model) if recipe.before_epoch else None)
     if cfg.ema_decay > 0:
         # With cached features, validation batches are features: they go through the head only.
-        features = recipe.feature_cache is not None and not run.dist.enabled
-        opt.ema = WeightEMA(model, cfg.ema_decay, (lambda m: recipe.feature_cache(m)[1]) if features else (lambda m: m))
+        opt.ema = WeightEMA(model, cfg.ema_decay,
+                            (lambda m: recipe.feature_cache(m)[1]) if run.on_features else (lambda m: m))
     state = None
     if run.checkpoint is not None:
         state = restore_training_state(run.checkpoint, model, optimizer, scheduler, opt.scaler, opt.ema,
@@ -190,7 +195,7 @@ def describe(run: Run, run_dir: Path, data: RunData) -> None:
 def fit_inputs(run: Run, model: nn.Module, trained: nn.Module, data: RunData) -> FitInputs:
     """The images through the whole model, or (trainB's feature cache) features through the head."""
     train_loader, val_loader, _ = data.loaders
-    if run.recipe.feature_cache is None or run.dist.enabled:
+    if not run.on_features:
         return FitInputs(trained, train_loader, val_loader, run.precision, run.cfg.tta, len(data.class_names))
     return feature_inputs(run.recipe.feature_cache, model, data, run.precision, run.cfg, run.say)
 

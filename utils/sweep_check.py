@@ -11,7 +11,6 @@ build together).
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import math
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .cli import USER_ERRORS
+from .cli import USER_ERRORS, load_program
 
 
 def agent_argv(values: dict[str, Any]) -> list[str]:
@@ -82,9 +81,11 @@ def check_sweep(path: Path) -> tuple[int, list[tuple[list[str], str]]]:
     """(argvs checked, failures): each value alone on the defaults, then the full product of
     the shape-deciding parameters with every other parameter at its first value."""
     sweep = load_sweep(path)
-    # the program sits beside the sweep file, or at the repository root (docs/sweep_partB.yaml)
-    sys.path[:0] = [str(path.resolve().parent), str(Path(__file__).resolve().parents[1])]
-    script = importlib.import_module(Path(sweep["program"]).stem).SPEC
+    # the program sits beside the sweep file, or where `wandb agent` runs it (docs/sweep_partB.yaml
+    # names trainB.py at the repository root)
+    places = [path.resolve().parent, Path.cwd(), Path(__file__).resolve().parents[1]]
+    program = next((p / sweep["program"] for p in places if (p / sweep["program"]).is_file()), Path(sweep["program"]))
+    script = load_program(program).SPEC
     choices = {name: candidate_values(spec) for name, spec in sweep["parameters"].items()}
     argvs = [agent_argv({name: value}) for name, values in choices.items() for value in values]
     shape = [name for name in choices if name in script.shape_fields]
