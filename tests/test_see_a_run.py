@@ -1,4 +1,4 @@
-"""Seeing runs without wandb: curves.png, `python -m utils.runs`, --lr_find, full-colour pictures."""
+"""Seeing runs without wandb: curves.png, `python -m utils.runs_table`, --lr_find, full-colour pictures."""
 
 import csv
 import json
@@ -12,7 +12,7 @@ from torch import nn
 import trainA
 import trainB
 from conftest import TINY_ARGS, interrupted_in_epoch, only_dir, read_metrics
-from utils import runs
+from utils import runs_table as runs
 from utils.curves import plot_curves
 from utils.lr_find import END_LR, START_LR, lr_find
 from utils.runtime import Precision

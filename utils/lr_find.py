@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import capture_rng_state, restore_rng_state
 from .errors import EXIT_OK
-from .rundir import write_state
+from .outputs import write_state
 from .runtime import Precision
 
 START_LR, END_LR = 1e-7, 10.0

@@ -31,7 +31,7 @@ from .features import feature_inputs
 from .inputs import RunData, load_data
 from .lr_find import run_lr_find
 from .optim import Optimisation, build_optimizer, build_scheduler
-from .rundir import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
+from .outputs import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
 from .runtime import make_precision, prepare_model, seed_everything
 from .tracking import Tracker
 from .checkpoint import CheckpointWriteError, CheckpointWriter, FitState, restore_training_state

@@ -21,7 +21,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_state(run_dir: Path, state: str, **details) -> None:
-    """state.json: how the run ended (read by `python -m utils.runs`)."""
+    """state.json: how the run ended (read by `python -m utils.runs_table`)."""
     assert state in RUN_STATES, state
     write_json(run_dir / "state.json", {"state": state, **details})
 

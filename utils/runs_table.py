@@ -1,8 +1,8 @@
 """Line runs up without wandb: one row per run directory.
 
-    python -m utils.runs                   # every run under runs/
-    python -m utils.runs runs/a runs/b     # these runs (or folders of runs)
-    python -m utils.runs --csv table.csv   # the same table as CSV
+    python -m utils.runs_table                   # every run under runs/
+    python -m utils.runs_table runs/a runs/b     # these runs (or folders of runs)
+    python -m utils.runs_table --csv table.csv   # the same table as CSV
 
 Columns: name, script, state (finished / interrupted / running / failed), epochs done (epochs_done), best
 val_accuracy and its epoch, test_accuracy, mean train img/s, then the config keys whose values
@@ -113,7 +113,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
     found = []
     for path in paths:
         if not path.is_dir():
-            print(f"utils.runs: '{path}' is not a folder; skipped", file=sys.stderr)
+            print(f"utils.runs_table: '{path}' is not a folder; skipped", file=sys.stderr)
             continue
         if any((path / name).exists() for name in ("config.json", "metrics.csv", "last.pt")):
             found.append(path)
@@ -156,7 +156,7 @@ def table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.runs", description="Compare run directories.")
+    parser = argparse.ArgumentParser(prog="python -m utils.runs_table", description="Compare run directories.")
     parser.add_argument("dirs", nargs="*", default=["runs"], help="run directories or folders of them (default: runs)")
     parser.add_argument("--csv", metavar="PATH", help="also write the table to this CSV file")
     args = parser.parse_args(argv)
