@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import trainA
-from conftest import ROOT, TINY_ARGS, assert_one_line_error, make_dataset, only_dir, run_main
+from conftest import ROOT, TINY_ARGS, assert_one_line_error, epoch_of, make_dataset, only_dir, run_main
 
 
 def break_split(root: Path, split: str) -> int:
@@ -309,7 +309,7 @@ def test_data_workers_that_die_mid_run_save_last_pt_and_name_the_fix(tiny_data, 
     real = utils.train.train_one_epoch
 
     def bus_error(*args, **kwargs):
-        if args[4] == 2:
+        if epoch_of(args, kwargs) == 2:
             raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that "
                                "dataloader's workers are out of shared memory. Please try to raise your shared "
                                "memory limit.")

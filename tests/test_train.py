@@ -6,7 +6,7 @@ import torch
 
 import trainA
 import utils.train
-from conftest import TINY_ARGS, interrupted_in_epoch, make_dataset, only_dir, read_metrics
+from conftest import TINY_ARGS, epoch_of, interrupted_in_epoch, make_dataset, only_dir, read_metrics
 from utils.runtime import Precision
 from utils.checkpoint import CheckpointWriter
 from utils.distributed import DistInfo
@@ -66,7 +66,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path, m
     real = utils.train.train_one_epoch
 
     def dies_in_epoch_3(*args, **kwargs):
-        if args[4] == 3:
+        if epoch_of(args, kwargs) == 3:
             raise SimulatedKill
         return real(*args, **kwargs)
 
