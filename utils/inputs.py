@@ -85,9 +85,9 @@ def cached_loaders(run, train_set, val_set, test_set) -> tuple:
     cfg, recipe, precision = run.cfg, run.recipe, run.precision
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     loaders = []
+    sizes = recipe.sizes
     for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)):
         train = dataset is train_set
-        sizes = recipe.sizes
         split = build_or_load(dataset.samples, sizes.decode, sizes.train_resize if train else sizes.eval_resize,
                               cfg.image_size, cache_dir, name)
         skipped = int((~split.valid).sum())

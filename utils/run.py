@@ -23,7 +23,8 @@ from data.loaders import CachedBatches
 
 from . import distributed
 from .actions import report_test
-from .checkpoint import check_script, load_checkpoint
+from .checkpoint import (CheckpointWriteError, CheckpointWriter, FitState, check_script, load_checkpoint,
+                         restore_training_state)
 from .distributed import DistInfo
 from .ema import WeightEMA
 from .errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
@@ -32,10 +33,8 @@ from .inputs import RunData, load_data
 from .lr_find import run_lr_find
 from .optim import Optimisation, build_optimizer, build_scheduler
 from .outputs import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
-from .runtime import make_precision, prepare_model, seed_everything
+from .runtime import Precision, make_precision, prepare_model, seed_everything
 from .tracking import Tracker
-from .checkpoint import CheckpointWriteError, CheckpointWriter, FitState, restore_training_state
-from .runtime import Precision
 from .evaluation import evaluate
 from .train import DataWorkersDied, FitInputs, NonFiniteLoss, TrainingInterrupted, fit
 
