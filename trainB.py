@@ -42,7 +42,7 @@ class ConfigB(TrainConfig):
     freeze_upto: str = "layer2"  # used by --strategy freeze_upto
     head: str = "linear"
     head_hidden: int = 512
-    head_dropout: float = 0.0
+    head_dropout: float = 0.2  # before the new head's layer, as EfficientNet's own classifier
     head_epochs: int = 2  # gradual: epochs with only the head training
     probe_epochs: int = 100  # passes of the head alone over cached frozen features before the first epoch
     probe_lr: float = 1e-3  # peak lr of those passes
