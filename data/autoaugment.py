@@ -24,6 +24,15 @@ SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness"
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 GEOMETRIC_INDEX = torch.tensor([OPS.index(name) for name in GEOMETRIC])
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's luma weights for Color and Contrast
+# Images per pixel-wise call on the CPU: a few images' float intermediates stay in the cache,
+# where one pass over a whole batch's floats runs from memory at about half the speed
+# (benchmarks/bench_autoaugment.py; on a GPU the whole group goes in one call).
+CPU_CHUNK = 4
+
+
+def _chunks(part: slice, device: torch.device) -> list[slice]:
+    step = part.stop - part.start if device.type == "cuda" else CPU_CHUNK
+    return [slice(first, min(first + step, part.stop)) for first in range(part.start, part.stop, step)]
 
 
 def magnitude_table(policy: str, bins: int, height: int, width: int) -> torch.Tensor:
@@ -89,11 +98,12 @@ class BatchPolicy:
             for value, count in zip(values.tolist(), counts.tolist()):
                 part = slice(start, start + count)
                 start += count
-                if value == -1:
+                if value == -1:  # the five geometric operations: one grid each, sampled a few at a time
                     names = [OPS[i] for i in round_ops[part].tolist()]
                     sorted_images[part] = _geometric(names, sorted_images[part], round_magnitudes[part])
                 elif OPS[value] != "Identity":
-                    sorted_images[part] = apply_op(OPS[value], sorted_images[part], round_magnitudes[part])
+                    for piece in _chunks(part, images.device):
+                        sorted_images[piece] = apply_op(OPS[value], sorted_images[piece], round_magnitudes[piece])
             out = sorted_images.index_select(0, torch.argsort(order).to(images.device))  # back in batch order
         return out
 
@@ -112,8 +122,9 @@ def apply_op(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch
         masks = torch.where(bits >= 8, 255, ((1 << bits) - 1) << (8 - bits.clamp(max=8))).to(torch.uint8)
         return images & masks.to(device).view(-1, 1, 1, 1)
     if name == "Solarize":
-        threshold = (255.0 * magnitudes).float().to(device).view(-1, 1, 1, 1)
-        return torch.where(images >= threshold, 255 - images, images)
+        # uint8 x >= float t exactly when x >= ceil(t), so the comparison stays in uint8
+        threshold = torch.ceil((255.0 * magnitudes).float()).clamp(0, 255).to(torch.uint8)
+        return torch.where(images >= threshold.to(device).view(-1, 1, 1, 1), 255 - images, images)
     factor = (1.0 + magnitudes)
     if name == "Sharpness":
         return _sharpen(images, factor)
@@ -166,12 +177,14 @@ def _geometric(names: list[str], images: torch.Tensor, magnitudes: torch.Tensor)
     # pixel is far faster as three broadcast multiply-adds than as a batched matmul)
     rescaled = theta / torch.tensor([0.5 * width, 0.5 * height], device=images.device).view(1, 2, 1)
     x, y = base_x.view(1, 1, width), base_y.view(1, height, 1)
-    grid = torch.stack([x * rescaled[:, 0, 0, None, None] + y * rescaled[:, 0, 1, None, None]
-                        + rescaled[:, 0, 2, None, None],
-                        x * rescaled[:, 1, 0, None, None] + y * rescaled[:, 1, 1, None, None]
-                        + rescaled[:, 1, 2, None, None]], -1)
-    out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    out = out.round_().to(torch.uint8)
+    out = torch.empty_like(images)
+    for piece in _chunks(slice(0, count), images.device):
+        r = rescaled[piece]
+        grid = torch.stack([x * r[:, 0, 0, None, None] + y * r[:, 0, 1, None, None] + r[:, 0, 2, None, None],
+                            x * r[:, 1, 0, None, None] + y * r[:, 1, 1, None, None] + r[:, 1, 2, None, None]], -1)
+        # nearest sampling copies pixels (or the zero fill): the floats are whole numbers already
+        out[piece] = F.grid_sample(images[piece].float(), grid, mode="nearest", padding_mode="zeros",
+                                   align_corners=False).to(torch.uint8)
     for quarter in (0, 1, 2, 3):  # torchvision turns by multiples of 90 degrees exactly, without a grid
         exact = (is_["Rotate"] & (turns == 90.0 * quarter)).nonzero().flatten().to(images.device)
         if len(exact) and (quarter % 2 == 0 or height == width):
