@@ -112,3 +112,25 @@ def test_inside_a_sweep_the_agents_run_is_used(monkeypatch, tmp_path):
 def test_the_part_b_sweep_parses_and_builds():
     checked, failures = check_sweep(ROOT / "docs" / "sweep_partB.yaml")
     assert checked > 20 and not failures, failures[:3]
+
+
+@pytest.mark.parametrize("program", ["nothere.py", "conftest.py"])
+def test_sweep_check_names_a_program_it_cannot_use_in_one_line(tmp_path, capsys, program):
+    """A sweep whose program is missing, or is not one of the training scripts, is one line."""
+    from utils.sweep_check import main
+
+    sweep = tmp_path / "sweep.yaml"
+    where = program if program == "nothere.py" else str(Path(__file__).parent / program)
+    sweep.write_text(yaml.safe_dump({"program": where, "parameters": {"lr": {"values": [0.1]}}}))
+    with pytest.raises(SystemExit) as exited:
+        main([str(sweep)])
+    message = str(exited.value.code)
+    assert message.startswith("sweep_check: ") and "\n" not in message and program in message
+
+
+def test_flagdoc_names_a_missing_script_in_one_line(capsys):
+    from utils import flagdoc
+
+    with pytest.raises(SystemExit) as exited:
+        flagdoc.main(["trainA.py", "nothere.py"])
+    assert "nothere.py" in str(exited.value.code) and "\n" not in str(exited.value.code)

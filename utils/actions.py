@@ -10,7 +10,6 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-
 from data import NatureData, ensure_dataset
 from data.loaders import make_loader
 

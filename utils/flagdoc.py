@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from .cli import load_program
+from .errors import UsageError
 
 HEADER = """# Every flag, with its default
 
@@ -73,7 +74,14 @@ def render(first_path, second_path) -> str:
                                                                     "output and tracking", "actions")))
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
         sys.exit("usage: python -m utils.flagdoc trainA.py trainB.py > docs/flags.md")
-    print(render(sys.argv[1], sys.argv[2]), end="")
+    try:
+        print(render(*argv), end="")
+    except UsageError as error:
+        sys.exit(f"flagdoc: {error}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
