@@ -194,14 +194,14 @@ def inputs(cfg: ConfigB) -> Preprocessing:
     return preprocessing(*resolve_arch(cfg.arch), cfg.weights, cfg.norm)
 
 
-def sizes_of(cfg: ConfigB) -> Sizes:
+def sizes_of(cfg: ConfigB, prep: Preprocessing | None = None) -> Sizes:
     """Decode size, eval resize (the weights' crop share of --image_size) and crop."""
-    return sizes_for(cfg.image_size, inputs(cfg).crop_pct)
+    return sizes_for(cfg.image_size, (prep or inputs(cfg)).crop_pct)
 
 
-def eval_transform(cfg: ConfigB):
-    prep = inputs(cfg)
-    return build_eval_transform(cfg.image_size, sizes_of(cfg).eval_resize, prep.mean, prep.std)
+def eval_transform(cfg: ConfigB, prep: Preprocessing | None = None):
+    prep = prep or inputs(cfg)
+    return build_eval_transform(cfg.image_size, sizes_of(cfg, prep).eval_resize, prep.mean, prep.std)
 
 
 def param_groups(model: FineTuneNet, cfg: ConfigB) -> list[dict]:
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # With --resume the weights come from last.pt: skip the download.
     weights = "none" if args.resume else None
     prep, plan = inputs(cfg), plan_for(cfg)
-    sizes, mean, std = sizes_of(cfg), prep.mean, prep.std
+    sizes, mean, std = sizes_of(cfg, prep), prep.mean, prep.std
     print(prep.describe(sizes.eval_resize, sizes.image))
     recipe = ModelRecipe(
         script="trainB",
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Features are computed once, so with the feature cache train images are not augmented.
         train_transform=build_train_transform(cfg.image_size, cfg.data_aug and not plan.feature_cache
                                               and AugmentSpec.from_config(cfg), sizes.eval_resize, mean, std),
-        eval_transform=build_eval_transform(cfg.image_size, sizes.eval_resize, mean, std),
+        eval_transform=eval_transform(cfg, prep),
         sizes=sizes,
         mean=mean,
         std=std,
