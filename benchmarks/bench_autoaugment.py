@@ -4,12 +4,14 @@ batched policy (what it does now).
 
     python benchmarks/bench_autoaugment.py --device cpu --batch 64 --size 128
 
-Prints one line per policy: milliseconds per batch for each path and the ratio.
+Prints one line per policy: the median milliseconds per batch of each path (the two run in
+turn, repeat by repeat) and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,16 +30,22 @@ def per_image(policy: v2.Transform, images: torch.Tensor, seed: int) -> torch.Te
         return torch.stack([policy(image) for image in images])
 
 
-def timed(function, repeats: int, device: torch.device) -> float:
-    function()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
+def interleaved(functions, repeats: int, device: torch.device) -> list[float]:
+    """Median milliseconds of each function, the functions run in turn within every repeat, so
+    a noisy neighbour slows all of them alike instead of one block of repeats."""
+    def once(function) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
         function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - started) / repeats * 1000
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - started) * 1000
+
+    for function in functions:  # warm-up
+        function()
+    times = [[once(function) for function in functions] for _ in range(repeats)]
+    return [statistics.median(column) for column in zip(*times)]
 
 
 def main(argv=None) -> None:
@@ -52,8 +60,8 @@ def main(argv=None) -> None:
               ).to(torch.uint8).to(device)
     for name, reference in (("trivialwide", v2.TrivialAugmentWide()), ("randaugment", v2.RandAugment())):
         batched = BatchPolicy(name)
-        old = timed(lambda: per_image(reference, images, 0), args.repeats, device)
-        new = timed(lambda: batched(images, torch.Generator().manual_seed(0)), args.repeats, device)
+        old, new = interleaved([lambda: per_image(reference, images, 0),
+                                lambda: batched(images, torch.Generator().manual_seed(0))], args.repeats, device)
         print(f"{name}: {name}_per_image_ms={old:.1f} {name}_batched_ms={new:.1f} {name}_speedup={old / new:.1f} "
               f"(batch {args.batch}, {args.size} px, {device})")
 

@@ -22,7 +22,6 @@ OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Br
        "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
-GEOMETRIC_INDEX = torch.tensor([OPS.index(name) for name in GEOMETRIC])
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's luma weights for Color and Contrast
 # Images per pixel-wise call on the CPU: a few images' float intermediates stay in the cache,
 # where one pass over a whole batch's floats runs from memory at about half the speed
@@ -86,21 +85,18 @@ class BatchPolicy:
         ops, magnitudes = self.draw(images.shape[0], images.shape[-2], images.shape[-1], generator)
         out = images
         for round_ops, round_magnitudes in zip(ops, magnitudes):
-            # Images sorted by operation (the five geometric ones share one grid, so they sort
-            # together): each operation then works on a contiguous slice, and the batch is
-            # gathered and put back once per round instead of once per operation.
-            key = torch.where(torch.isin(round_ops, GEOMETRIC_INDEX), -1, round_ops)
-            order = torch.argsort(key, stable=True)
-            key, round_ops, round_magnitudes = key[order], round_ops[order], round_magnitudes[order]
+            # Images sorted by operation: each operation then works on a contiguous slice, and
+            # the batch is gathered and put back once per round instead of once per operation.
+            order = torch.argsort(round_ops, stable=True)
+            round_ops, round_magnitudes = round_ops[order], round_magnitudes[order]
             sorted_images = out.index_select(0, order.to(images.device))
-            values, counts = torch.unique_consecutive(key, return_counts=True)
+            values, counts = torch.unique_consecutive(round_ops, return_counts=True)
             start = 0
             for value, count in zip(values.tolist(), counts.tolist()):
                 part = slice(start, start + count)
                 start += count
-                if value == -1:  # the five geometric operations: one grid each, sampled a few at a time
-                    names = [OPS[i] for i in round_ops[part].tolist()]
-                    sorted_images[part] = _geometric(names, sorted_images[part], round_magnitudes[part])
+                if OPS[value] == "Rotate":  # builds its grids a few images at a time itself
+                    sorted_images[part] = apply_op("Rotate", sorted_images[part], round_magnitudes[part])
                 elif OPS[value] != "Identity":
                     for piece in _chunks(part, images.device):
                         sorted_images[piece] = apply_op(OPS[value], sorted_images[piece], round_magnitudes[piece])
@@ -111,7 +107,11 @@ class BatchPolicy:
 def apply_op(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
     """One operation on uint8 images (N, C, H, W), image i at magnitudes[i] (float64, on the CPU)."""
     device = images.device
-    if name in GEOMETRIC:
+    if name in ("TranslateX", "TranslateY"):  # whole pixels: torchvision truncates the magnitude
+        return _shift(images, -magnitudes.trunc().long().view(-1, 1, 1, 1), -1 if name == "TranslateX" else -2)
+    if name in ("ShearX", "ShearY"):
+        return _shear(images, magnitudes, name)
+    if name == "Rotate":
         return _geometric([name] * len(images), images, magnitudes)
     if name == "AutoContrast":
         return TF.autocontrast(images)
@@ -123,20 +123,24 @@ def apply_op(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch
         return images & masks.to(device).view(-1, 1, 1, 1)
     if name == "Solarize":
         # uint8 x >= float t exactly when x >= ceil(t), so the comparison stays in uint8
+        # and 255 - x is x ^ 255: the mask as uint8 (1 or 0) negated is 255 or 0 (uint8's
+        # torch.where is not vectorised on the CPU, and 6x slower than this)
         threshold = torch.ceil((255.0 * magnitudes).float()).clamp(0, 255).to(torch.uint8)
-        return torch.where(images >= threshold.to(device).view(-1, 1, 1, 1), 255 - images, images)
+        flip = torch.ge(images, threshold.to(device).view(-1, 1, 1, 1)).view(torch.uint8).neg_()
+        return flip.bitwise_xor_(images)
     factor = (1.0 + magnitudes)
     if name == "Sharpness":
         return _sharpen(images, factor)
     ratio = factor.float().to(device).view(-1, 1, 1, 1)
     rest = (1.0 - factor).float().to(device).view(-1, 1, 1, 1)
+    pixels = images.float()  # one conversion, then in place (uint8 times a float tensor is slower)
     if name == "Brightness":
-        return images.mul(ratio).clamp_(0, 255).to(torch.uint8)
-    r, g, b = images.unbind(-3)
+        return pixels.mul_(ratio).clamp_(0, 255).to(torch.uint8)
+    r, g, b = pixels.unbind(-3)
     gray = r.mul(GRAY[0]).add_(g, alpha=GRAY[1]).add_(b, alpha=GRAY[2]).unsqueeze(-3).floor_()
     if name == "Contrast":
         gray = gray.mean(dim=(-3, -2, -1), keepdim=True)
-    return images.mul(ratio).add_(gray * rest).clamp_(0, 255).to(torch.uint8)  # Color blends with gray
+    return pixels.mul_(ratio).add_(gray.mul_(rest)).clamp_(0, 255).to(torch.uint8)  # Color blends with gray
 
 
 def _sharpen(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -152,6 +156,31 @@ def _sharpen(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     inner = out[..., 1:-1, 1:-1]
     inner.add_(blurred.sub_(inner).mul_((1.0 - factor).float().to(images.device).view(-1, 1, 1, 1)))
     return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _shift(images: torch.Tensor, offsets: torch.Tensor, dim: int) -> torch.Tensor:
+    """Nearest sampling of a whole-pixel move along one axis: out[..., i, ...] (i along dim) =
+    images[..., i + offset, ...], 0 (torchvision's fill) where that falls outside. offsets: int64,
+    broadcastable to (N, 1, H, W): one per image (translate) or one per row or column (shear)."""
+    count, channels, height, width = images.shape
+    size = images.shape[dim]
+    line = torch.arange(size, device=images.device).view((1, 1, 1, size) if dim == -1 else (1, 1, size, 1))
+    source = (line + offsets.to(images.device)).expand(count, 1, height, width)
+    inside = (source >= 0) & (source < size)
+    out = torch.gather(images, dim, source.clamp(0, size - 1).expand(count, channels, height, width))
+    return out.mul_(inside)
+
+
+def _shear(images: torch.Tensor, magnitudes: torch.Tensor, name: str) -> torch.Tensor:
+    """torchvision shears about the top-left corner, so with nearest sampling ShearX moves row y
+    by round(m * (y + 1/2)) whole pixels (ShearY: column x by round(m * (x + 1/2))): a gather
+    along one axis instead of a 2-D grid. (torchvision rounds x + m * (y + 1/2) as one float: the
+    two differ only where m * (y + 1/2) is within float rounding of a half.)"""
+    along = images.shape[-2] if name == "ShearX" else images.shape[-1]
+    centres = torch.arange(along, dtype=torch.float64) + 0.5
+    offsets = torch.round(magnitudes.view(-1, 1) * centres).long()
+    shape = (-1, 1, along, 1) if name == "ShearX" else (-1, 1, 1, along)
+    return _shift(images, offsets.view(shape), -1 if name == "ShearX" else -2)
 
 
 def _geometric(names: list[str], images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,11 @@ MAGNITUDES = [-0.6, -0.2, 0.0, 0.35, 0.9]
 def test_each_operation_matches_torchvision_within_uint8_rounding(name):
     images = photo_like(len(MAGNITUDES) * 2)
     table = magnitude_table("trivialwide", 31, images.shape[-2], images.shape[-1])[OPS.index(name)]
-    if name in ("TranslateX", "TranslateY", "Rotate", "Posterize", "Solarize"):
-        picks = table[torch.tensor([0, 7, 15, 20, 30])]  # bins of the real space (rotation 90 included)
+    if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Posterize", "Solarize"):
+        # bins of the real space (rotation 90 included; round shears like 0.2 put whole rows on a
+        # rounding tie, which torchvision's float32 grid breaks pixel by pixel and the row shift
+        # does not: the policy never draws them)
+        picks = table[torch.tensor([0, 7, 15, 20, 30])]
         magnitudes = torch.cat([picks, -picks if name not in ("Posterize", "Solarize") else picks])
     else:
         magnitudes = torch.tensor(MAGNITUDES + [-m for m in MAGNITUDES], dtype=torch.float64)
