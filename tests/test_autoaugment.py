@@ -98,3 +98,33 @@ def test_the_same_generator_seed_gives_the_same_batch():
     again = policy(images, torch.Generator().manual_seed(5))
     other = policy(images, torch.Generator().manual_seed(6))
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("size", [(32, 40), (33, 47), (64, 64)])
+@pytest.mark.parametrize("policy", ["trivialwide", "randaugment"])
+def test_moves_match_torchvision_on_every_magnitude_the_policy_draws(policy, size):
+    """Shears and translations are whole-pixel moves along one axis, rotation a gather of rounded
+    sources: held to torchvision on its whole space (both signs), square and odd sizes."""
+    height, width = size
+    table = magnitude_table(policy, 31, height, width)
+    for name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+        values = table[OPS.index(name)] if policy == "trivialwide" else table[OPS.index(name), 9:10]
+        magnitudes = torch.cat([values, -values])
+        images = photo_like(len(magnitudes), size=height, seed=1)[..., :width]
+        ours = apply_op(name, images, magnitudes)
+        theirs = torch.stack([reference_op(name, image, float(m)) for image, m in zip(images, magnitudes)])
+        assert (ours == theirs).float().mean() >= 0.999, (name, (ours != theirs).float().mean())
+
+
+def test_equalize_keeps_torchvisions_handling_of_flat_channels():
+    """Channels with one value, or one value and a few others, are left as they are (PIL's step
+    0); the rest equalized exactly as torchvision does."""
+    g = torch.Generator().manual_seed(0)
+    one_value = torch.full((2, 3, 8, 8), 7, dtype=torch.uint8)
+    outlier = one_value.clone()
+    outlier[:, :, 0, 0] = 200
+    three_values = (torch.rand(3, 3, 20, 20, generator=g) * 3).to(torch.uint8) * 100
+    mixed = torch.cat([photo_like(2)[..., :8, :8], outlier])
+    for images in (one_value, outlier, three_values, mixed, photo_like(4)):
+        assert torch.equal(apply_op("Equalize", images, torch.zeros(len(images), dtype=torch.float64)),
+                           v2.functional.equalize(images))
