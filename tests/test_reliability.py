@@ -134,13 +134,27 @@ def test_an_early_stopped_run_resumes_only_with_more_patience(tmp_path):
     assert len((run_dir / "metrics.csv").read_text().splitlines()) - 1 == 5
 
 
-@pytest.mark.parametrize("flag", [["-lr", "0.5"], ["--tta", "none"], ["-is", "64"]])
+@pytest.mark.parametrize("flag", [["-lr", "0.5"], ["--mixup_alpha", "0.2"], ["-is", "64"]])
 def test_test_only_refuses_flags_it_would_ignore(finished, flag):
     _, run_dir = finished
     result = run_main("trainA.py", "--test_only", "--checkpoint", str(run_dir / "best.pt"), *flag, "--wandb_mode",
                       "disabled")
     assert_one_line_error(result, "--test_only evaluates the checkpoint with its own saved settings",
                           "would be ignored")
+
+
+def test_test_only_takes_a_tta_of_its_own(finished, monkeypatch):
+    """Test-time augmentation changes no weight: --test_only --tta none|flip evaluates the same
+    checkpoint either way (the run's own choice without the flag)."""
+    import utils.actions
+
+    _, run_dir = finished
+    seen = []
+    real = utils.actions.evaluate
+    monkeypatch.setattr(utils.actions, "evaluate", lambda *a, tta, **kw: seen.append(tta) or real(*a, tta=tta, **kw))
+    for flags in (["--tta", "none"], ["--tta", "flip"], []):
+        assert trainA.main(["--test_only", "--checkpoint", str(run_dir / "best.pt"), "--num_workers", "0", *flags]) == 0
+    assert seen == ["none", "flip", "flip"]  # the run's own: trainA's default, flip
 
 
 def test_pictures_and_tables_stay_bounded_at_a_thousand_classes(tmp_path, capsys):

@@ -89,7 +89,7 @@ def report_test(stats, class_names: list[str], header: str) -> dict:
 RESUME_OVERRIDES = frozenset({"data_dir", "device", "num_workers", "wandb_mode", "epochs", "cache_dir", "pictures",
                               "patience"})
 # What --test_only uses besides --checkpoint; any other setting comes from the checkpoint.
-TEST_ONLY_FLAGS = frozenset({"data_dir", "device", "batch_size", "num_workers"})
+TEST_ONLY_FLAGS = frozenset({"data_dir", "device", "batch_size", "num_workers", "tta"})
 # Settings that change nothing a test measures: tolerated with --test_only, as with any run.
 NO_EFFECT_ON_RESULTS = frozenset({"wandb_mode", "wandb_project", "wandb_entity", "output_dir", "run_name", "pictures",
                                   "cache", "cache_dir", "data_on_device", "download", "data_url", "keep_zip"})
@@ -116,7 +116,7 @@ def run_checkpoint_action(args, parser, spec: ScriptSpec) -> int | None:
                              f"--checkpoint, {allowed} apply); drop it, or train a new run with it")
         return test_only(args.checkpoint, spec, data_dir=args.data_dir if "data_dir" in given else None,
                          device=args.device, batch_size=args.batch_size if "batch_size" in given else None,
-                         num_workers=args.num_workers)
+                         num_workers=args.num_workers, tta=args.tta if "tta" in given else None)
     return None
 
 
@@ -173,8 +173,9 @@ def pictures_maker(cfg, guided: bool) -> Callable:
 
 
 def test_only(checkpoint_path: str, spec: ScriptSpec, data_dir: str | None, device: str, batch_size: int | None,
-              num_workers: int) -> int:
-    """Evaluate a checkpoint on the test folder using only what the checkpoint carries."""
+              num_workers: int, tta: str | None = None) -> int:
+    """Evaluate a checkpoint on the test folder using only what the checkpoint carries (and
+    tta, when given, instead of the run's own test-time augmentation: it changes no weight)."""
     if not checkpoint_path:
         raise UsageError("--test_only needs --checkpoint PATH (a best.pt or last.pt)")
     checkpoint = load_checkpoint(checkpoint_path)
@@ -190,7 +191,7 @@ def test_only(checkpoint_path: str, spec: ScriptSpec, data_dir: str | None, devi
                          default_num_workers(num_workers), 0)
     model = prepare_model(model, precision)
     started = time.perf_counter()
-    stats = evaluate(model, loader, precision, len(test_set.classes), desc="test", tta=getattr(cfg, "tta", "none"))
+    stats = evaluate(model, loader, precision, len(test_set.classes), desc="test", tta=tta or getattr(cfg, "tta", "none"))
     report_test(stats, test_set.classes, f"{checkpoint_path} (epoch {checkpoint.get('epoch')})")
     print(f"evaluated in {time.perf_counter() - started:.1f}s")
     return EXIT_OK

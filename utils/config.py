@@ -132,7 +132,8 @@ def _data_args(group, d: TrainConfig) -> None:
                        f"for quick searches; val and test are never subsampled (default: {d.train_fraction})")
     group.add_argument("--tta", type=choice(*TTA_MODES), default=d.tta,
                        help=f"test-time augmentation for validation, test and --predict: none, or flip = average "
-                       f"the logits of the image and its mirror (default: {d.tta})")
+                       f"the logits of the image and its mirror; with --test_only, instead of the run's own "
+                       f"(default: {d.tta})")
 
 
 def _optimisation_args(group, d: TrainConfig) -> None:
