@@ -213,9 +213,11 @@ def _rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     angles)."""
     count, channels, height, width = images.shape
     turns = torch.remainder(degrees, 360.0)
-    zero = torch.zeros(count, dtype=torch.float64)
-    # rotate() turns the other way than affine()
-    theta = _inverse_affine(-torch.deg2rad(turns), zero, zero, zero, zero, zero, zero).float().to(images.device)
+    # torchvision's inverse affine matrix of a turn about the centre (no shear, no move), in
+    # float64 as it computes it; rotate() turns the other way than affine()
+    angle = -torch.deg2rad(turns)
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros(count, dtype=torch.float64)
+    theta = torch.stack([cos, sin, zero, -sin, cos, zero], 1).view(-1, 2, 3).float().to(images.device)
     x = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=images.device).view(1, 1, width)
     y = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=images.device).view(1, height, 1)
     out = torch.empty_like(images)
@@ -234,20 +236,6 @@ def _rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
         if len(exact) and (quarter % 2 == 0 or height == width):
             out[exact] = torch.rot90(images[exact], k=quarter, dims=(-2, -1))
     return out
-
-
-def _inverse_affine(angle, shear_x, shear_y, move_x, move_y, center_x, center_y) -> torch.Tensor:
-    """(N, 2, 3) float64: torchvision's _get_inverse_affine_matrix (scale 1) for each image;
-    angles and shears in radians."""
-    cos_y = torch.cos(shear_y)
-    a = torch.cos(angle - shear_y) / cos_y
-    b = -torch.cos(angle - shear_y) * torch.tan(shear_x) / cos_y - torch.sin(angle)
-    c = torch.sin(angle - shear_y) / cos_y
-    d = -torch.sin(angle - shear_y) * torch.tan(shear_x) / cos_y + torch.cos(angle)
-    m0, m1, m3, m4 = d, -b, -c, a
-    m2 = m0 * (-center_x - move_x) + m1 * (-center_y - move_y) + center_x
-    m5 = m3 * (-center_x - move_x) + m4 * (-center_y - move_y) + center_y
-    return torch.stack([m0, m1, m2, m3, m4, m5], 1).view(-1, 2, 3)
 
 
 def reference_op(name: str, image: torch.Tensor, magnitude: float) -> torch.Tensor:

@@ -191,7 +191,8 @@ def test_only(checkpoint_path: str, spec: ScriptSpec, data_dir: str | None, devi
                          default_num_workers(num_workers), 0)
     model = prepare_model(model, precision)
     started = time.perf_counter()
-    stats = evaluate(model, loader, precision, len(test_set.classes), desc="test", tta=tta or getattr(cfg, "tta", "none"))
+    stats = evaluate(model, loader, precision, len(test_set.classes), desc="test",
+                     tta=tta or getattr(cfg, "tta", "none"))
     report_test(stats, test_set.classes, f"{checkpoint_path} (epoch {checkpoint.get('epoch')})")
     print(f"evaluated in {time.perf_counter() - started:.1f}s")
     return EXIT_OK
