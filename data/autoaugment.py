@@ -15,7 +15,6 @@ from __future__ import annotations
 
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
        "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
@@ -112,7 +111,7 @@ def apply_op(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch
     if name == "Rotate":
         return _rotate(images, magnitudes)
     if name == "AutoContrast":
-        return TF.autocontrast(images)
+        return _autocontrast(images)
     if name == "Equalize":
         return _equalize(images)
     if name == "Posterize":
@@ -139,6 +138,17 @@ def apply_op(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch
     if name == "Contrast":
         gray = gray.mean(dim=(-3, -2, -1), keepdim=True)
     return pixels.mul_(ratio).add_(gray.mul_(rest)).clamp_(0, 255).to(torch.uint8)  # Color blends with gray
+
+
+def _autocontrast(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's autocontrast (each channel stretched to 0..255, flat channels as they are),
+    its extremes found on the uint8 image and its flat channels handled with torch.where on the
+    (N, C, 1, 1) extremes instead of boolean-mask assignments (a host sync each on a GPU)."""
+    low = images.amin(dim=(-2, -1), keepdim=True).float()
+    high = images.amax(dim=(-2, -1), keepdim=True).float()
+    flat = high == low
+    scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
+    return images.float().sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
 
 
 def _equalize(images: torch.Tensor) -> torch.Tensor:

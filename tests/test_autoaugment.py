@@ -116,9 +116,10 @@ def test_moves_match_torchvision_on_every_magnitude_the_policy_draws(policy, siz
         assert (ours == theirs).float().mean() >= 0.999, (name, (ours != theirs).float().mean())
 
 
-def test_equalize_keeps_torchvisions_handling_of_flat_channels():
-    """Channels with one value, or one value and a few others, are left as they are (PIL's step
-    0); the rest equalized exactly as torchvision does."""
+@pytest.mark.parametrize("name", ["Equalize", "AutoContrast"])
+def test_histogram_ops_keep_torchvisions_handling_of_flat_channels(name):
+    """Channels with one value (and for Equalize one value and a few others: PIL's step 0) are
+    left as they are; the rest equalized or stretched exactly as torchvision does."""
     g = torch.Generator().manual_seed(0)
     one_value = torch.full((2, 3, 8, 8), 7, dtype=torch.uint8)
     outlier = one_value.clone()
@@ -126,5 +127,5 @@ def test_equalize_keeps_torchvisions_handling_of_flat_channels():
     three_values = (torch.rand(3, 3, 20, 20, generator=g) * 3).to(torch.uint8) * 100
     mixed = torch.cat([photo_like(2)[..., :8, :8], outlier])
     for images in (one_value, outlier, three_values, mixed, photo_like(4)):
-        assert torch.equal(apply_op("Equalize", images, torch.zeros(len(images), dtype=torch.float64)),
-                           v2.functional.equalize(images))
+        reference = v2.functional.equalize if name == "Equalize" else v2.functional.autocontrast
+        assert torch.equal(apply_op(name, images, torch.zeros(len(images), dtype=torch.float64)), reference(images))
