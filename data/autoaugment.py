@@ -80,13 +80,15 @@ class BatchPolicy:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         ops, magnitudes = self.draw(images.shape[0], images.shape[-2], images.shape[-1], generator)
-        out = images
+        # Images sorted by operation: each operation then works on a contiguous slice. The batch
+        # is gathered once per round and put back in batch order once at the end; holds[i] is
+        # the batch index of the image in row i.
+        sorted_images, holds = images, torch.arange(images.shape[0])
         for round_ops, round_magnitudes in zip(ops, magnitudes):
-            # Images sorted by operation: each operation then works on a contiguous slice, and
-            # the batch is gathered and put back once per round instead of once per operation.
-            order = torch.argsort(round_ops, stable=True)
-            round_ops, round_magnitudes = round_ops[order], round_magnitudes[order]
-            sorted_images = out.index_select(0, order.to(images.device))
+            order = torch.argsort(round_ops[holds], stable=True)
+            holds = holds[order]
+            round_ops, round_magnitudes = round_ops[holds], round_magnitudes[holds]
+            sorted_images = sorted_images.index_select(0, order.to(images.device))
             values, counts = torch.unique_consecutive(round_ops, return_counts=True)
             start = 0
             for value, count in zip(values.tolist(), counts.tolist()):
@@ -97,8 +99,7 @@ class BatchPolicy:
                 elif OPS[value] != "Identity":
                     for piece in _chunks(part, images.device):
                         sorted_images[piece] = apply_op(OPS[value], sorted_images[piece], round_magnitudes[piece])
-            out = sorted_images.index_select(0, torch.argsort(order).to(images.device))  # back in batch order
-        return out
+        return sorted_images.index_select(0, torch.argsort(holds).to(images.device))  # back in batch order
 
 
 def apply_op(name: str, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
