@@ -129,3 +129,20 @@ def test_histogram_ops_keep_torchvisions_handling_of_flat_channels(name):
     for images in (one_value, outlier, three_values, mixed, photo_like(4)):
         reference = v2.functional.equalize if name == "Equalize" else v2.functional.autocontrast
         assert torch.equal(apply_op(name, images, torch.zeros(len(images), dtype=torch.float64)), reference(images))
+
+
+@pytest.mark.parametrize("policy", ["trivialwide", "randaugment"])
+def test_each_image_gets_the_operations_drawn_for_it_in_turn(policy):
+    """The batch is sorted by operation each round and put back once: every image must still
+    come out as its own draws applied one after the other."""
+    images = photo_like(24, seed=3)
+    batched = BatchPolicy(policy)(images, torch.Generator().manual_seed(7))
+    ops, magnitudes = BatchPolicy(policy).draw(len(images), images.shape[-2], images.shape[-1],
+                                               torch.Generator().manual_seed(7))
+    for i, image in enumerate(images):
+        one = image[None]
+        for round_ops, round_magnitudes in zip(ops, magnitudes):
+            name = OPS[int(round_ops[i])]
+            if name != "Identity":
+                one = apply_op(name, one, round_magnitudes[i:i + 1])
+        assert torch.equal(batched[i], one[0]), (i, [OPS[int(o[i])] for o in ops])
