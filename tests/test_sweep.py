@@ -128,9 +128,10 @@ def test_sweep_check_names_a_program_it_cannot_use_in_one_line(tmp_path, capsys,
     assert message.startswith("sweep_check: ") and "\n" not in message and program in message
 
 
-def test_flagdoc_names_a_missing_script_in_one_line(capsys):
+@pytest.mark.parametrize("program", ["nothere.py", "conftest.py"])
+def test_flagdoc_names_a_script_it_cannot_use_in_one_line(capsys, program):
     from utils import flagdoc
 
     with pytest.raises(SystemExit) as exited:
-        flagdoc.main(["trainA.py", "nothere.py"])
-    assert "nothere.py" in str(exited.value.code) and "\n" not in str(exited.value.code)
+        flagdoc.main(["trainA.py", program if program == "nothere.py" else str(Path(__file__).parent / program)])
+    assert program in str(exited.value.code) and "\n" not in str(exited.value.code)

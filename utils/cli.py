@@ -26,22 +26,25 @@ USER_ERRORS = (UsageError, DatasetError, ModelConfigError)
 def load_program(path: str | os.PathLike):
     """The module of a training script named by its file (trainA.py), as `wandb agent` names its
     program: the tools that read a script's parser (flagdoc, sweep_check) take it from the command
-    line instead of importing the scripts, which sit above utils/."""
+    line instead of importing the scripts, which sit above utils/. A missing file, or one that is
+    not a training script, is a UsageError."""
     import importlib.util
     from pathlib import Path
 
     path = Path(path).resolve()
-    loaded = sys.modules.get(path.stem)
-    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path:
-        return loaded
-    if not path.is_file():
-        raise UsageError(f"program '{path}' does not exist; name the training script, e.g. trainA.py")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    if str(path.parent) not in sys.path:  # the script's own imports (data, models, utils) resolve beside it
-        sys.path.insert(0, str(path.parent))
-    spec.loader.exec_module(module)
+    module = sys.modules.get(path.stem)
+    if module is None or Path(getattr(module, "__file__", "")).resolve() != path:
+        if not path.is_file():
+            raise UsageError(f"program '{path}' does not exist; name the training script, e.g. trainA.py")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        if str(path.parent) not in sys.path:  # the script's own imports (data, models, utils) resolve beside it
+            sys.path.insert(0, str(path.parent))
+        spec.loader.exec_module(module)
+    if not hasattr(module, "SPEC"):
+        raise UsageError(f"program '{path}' is not a training script of this project (it has no SPEC); "
+                         "name trainA.py or trainB.py")
     return module
 
 

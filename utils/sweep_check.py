@@ -87,12 +87,9 @@ def check_sweep(path: Path) -> tuple[int, list[tuple[list[str], str]]]:
     places = [path.resolve().parent, Path.cwd(), Path(__file__).resolve().parents[1]]
     program = next((p / sweep["program"] for p in places if (p / sweep["program"]).is_file()), Path(sweep["program"]))
     try:
-        script = getattr(load_program(program), "SPEC", None)
+        script = load_program(program).SPEC
     except UsageError as error:
         raise SystemExit(f"sweep_check: {error}") from None
-    if script is None:
-        raise SystemExit(f"sweep_check: '{program}' is not a training script of this project (it has no SPEC); "
-                         "name trainA.py or trainB.py as the sweep's program")
     choices = {name: candidate_values(spec) for name, spec in sweep["parameters"].items()}
     argvs = [agent_argv({name: value}) for name, values in choices.items() for value in values]
     shape = [name for name in choices if name in script.shape_fields]
