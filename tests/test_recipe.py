@@ -185,6 +185,31 @@ def test_flip_tta_averages_the_image_and_its_mirror():
     assert plain.loss != flipped.loss
 
 
+def test_val_features_with_their_mirror_score_as_flip_tta_on_images_does():
+    """freeze_all validates on cached features: with --tta flip they hold each image's mirror too,
+    so the head's val_accuracy (which picks best.pt) is measured as the test on images is."""
+    from data.loaders import FeatureBatches
+    from utils.features import compute_features, val_tta
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, (3, 5)), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten())
+    head = nn.Linear(16, 5)
+    images, labels = torch.rand(40, 3, 12, 14), torch.randint(0, 5, (40,))
+    loader = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, 40, 16)]
+    cpu = Precision(torch.device("cpu"))
+    features, targets = compute_features(backbone, loader, cpu, mirror=True)
+    assert features.shape == (40, 2, 16) and torch.equal(targets, labels)
+    on_images = evaluate(nn.Sequential(backbone, head), loader, cpu, 5, show_progress=False, tta="flip")
+    on_features = evaluate(head, FeatureBatches(features, targets, 16, False, 0), cpu, 5, show_progress=False,
+                           tta="views")
+    assert on_features.accuracy == on_images.accuracy and on_features.loss == pytest.approx(on_images.loss)
+    plain = evaluate(head, FeatureBatches(features[:, 0], targets, 16, False, 0), cpu, 5, show_progress=False)
+    assert plain.loss != pytest.approx(on_images.loss)  # the mirror view counts
+    assert val_tta(FeatureBatches(features, targets, 16, False, 0)) == "views"
+    assert val_tta(FeatureBatches(features[:, 0], targets, 16, False, 0)) == "none"
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cache", ["auto", "off"])

@@ -29,7 +29,11 @@ class EvalStats:
 
 
 def predict_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """The model's logits; with tta "flip", the mean of the image's and its mirror's logits."""
+    """The model's logits; with tta "flip", the mean of the image's and its mirror's logits; with
+    "views", inputs are (batch, views, ...) (features of an image and its mirror) and the logits
+    are the mean over the views."""
+    if tta == "views":
+        return model(inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2]).mean(1)
     logits = model(inputs)
     if tta == "flip":
         logits = (logits + model(inputs.flip(-1))) / 2

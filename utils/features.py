@@ -19,24 +19,37 @@ from .train import FitInputs, train_one_epoch
 
 
 @torch.no_grad()
-def compute_features(extract: Callable, loader, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every image of loader through extract once: (features as fp32, labels), on the device."""
+def compute_features(extract: Callable, loader, precision: Precision,
+                     mirror: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every image of loader through extract once: (features as fp32, labels), on the device.
+    With mirror, the features are (images, 2, dim): each image's and its mirror image's."""
     features, labels = [], []
     for batch in loader:
         if batch is None:
             continue
         images, targets = precision.to_device(*batch)
         with precision.autocast():
-            features.append(extract(images).float())
+            batch_features = extract(images).float()
+            if mirror:
+                batch_features = torch.stack([batch_features, extract(images.flip(-1)).float()], 1)
+        features.append(batch_features)
         labels.append(targets)
     return torch.cat(features), torch.cat(labels)
 
 
 def feature_batches(extract: Callable, train_loader, val_loader, precision: Precision, batch_size: int,
-                    seed: int) -> tuple[FeatureBatches, FeatureBatches]:
-    """Features of every train image (unshuffled, none dropped) and every val image, computed once."""
+                    seed: int, tta: str = "none") -> tuple[FeatureBatches, FeatureBatches]:
+    """Features of every train image (unshuffled, none dropped) and every val image, computed once;
+    with tta "flip", also of each val image's mirror, so that validation on features scores each
+    image as validation and test on images do (val_tta says how)."""
     train = FeatureBatches(*compute_features(extract, in_order(train_loader), precision), batch_size, True, seed)
-    return train, FeatureBatches(*compute_features(extract, val_loader, precision), batch_size, False, seed)
+    val = compute_features(extract, val_loader, precision, mirror=tta == "flip")
+    return train, FeatureBatches(*val, batch_size, False, seed)
+
+
+def val_tta(val: FeatureBatches) -> str:
+    """How evaluate() scores these val features: averaged over their views, or one vector each."""
+    return "views" if val.features.dim() == 3 else "none"
 
 
 def feature_inputs(split: Callable, model: nn.Module, data, precision: Precision, cfg, say: Callable) -> FitInputs:
@@ -45,13 +58,12 @@ def feature_inputs(split: Callable, model: nn.Module, data, precision: Precision
     extract, head = split(model)
     started = time.perf_counter()
     train, val = data.features or feature_batches(extract, data.loaders[0], data.loaders[1], precision,
-                                                  cfg.batch_size, cfg.seed)
+                                                  cfg.batch_size, cfg.seed, cfg.tta)
     if cfg.compile:
         say("--compile: not applied, the feature cache trains only the head (one small layer)")
     when = "reused from the probe" if data.features else f"computed once in {time.perf_counter() - started:.1f}s"
     say(f"frozen features of {len(train.labels) + len(val.labels)} images {when}; epochs now train the head only")
-    # A feature vector has no mirror image: no flip TTA on features (the test, on images, uses --tta).
-    return FitInputs(head, train, val, Precision(precision.device), "none", len(data.class_names))
+    return FitInputs(head, train, val, Precision(precision.device), val_tta(val), len(data.class_names))
 
 
 def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cfg) -> str:
@@ -61,7 +73,8 @@ def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cf
     first fine-tuning steps otherwise distort the pretrained features. What it did, in words."""
     extract, head = split(model)
     started = time.perf_counter()
-    train, val = feature_batches(extract, data.loaders[0], data.loaders[1], precision, cfg.batch_size, cfg.seed)
+    train, val = feature_batches(extract, data.loaders[0], data.loaders[1], precision, cfg.batch_size, cfg.seed,
+                                 cfg.tta)
     data.features = (train, val)
     optimizer = build_optimizer(split_decay(head.named_parameters(), cfg.probe_lr, cfg.weight_decay), cfg.optimizer,
                                 cfg.probe_lr, cfg.momentum)
@@ -73,7 +86,8 @@ def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cf
     for epoch in range(1, cfg.probe_epochs + 1):
         train.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
         stats = train_one_epoch(head, train, opt, head_precision, epoch, show_progress=False)
-    result = evaluate(head, val, head_precision, len(data.class_names), desc="probe val", show_progress=False)
+    result = evaluate(head, val, head_precision, len(data.class_names), desc="probe val", show_progress=False,
+                      tta=val_tta(val))
     return (f"probe: the head trained alone for {cfg.probe_epochs} epochs on frozen features of "
             f"{len(train.labels)} train images ({time.perf_counter() - started:.1f}s): train_accuracy "
             f"{stats.accuracy:.4f}, val_accuracy {result.accuracy:.4f}")
