@@ -138,8 +138,16 @@ def test_ctrl_c_while_curves_are_drawn_is_not_lost(tmp_path, monkeypatch):
 
     monkeypatch.setattr(utils.curves, "plot_curves", swallowing_plot)
     tracker = Tracker(tmp_path, {}, "disabled", "", "", "run")
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        tracker.log_epoch({"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0,
-                           "val_accuracy": 0.5, "lr": 0.1})
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
+    metrics = {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5, "lr": 0.1}
+    # Python's own Ctrl-C handler, as in a terminal (pytest started as a background job inherits an
+    # ignored SIGINT, which the run rightly keeps ignoring: checked last)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tracker.log_epoch(metrics)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        tracker.log_epoch({**metrics, "epoch": 2})
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
