@@ -452,3 +452,37 @@ def test_a_container_without_a_writable_home_still_trains(tiny_data, tmp_path, m
     err = capsys.readouterr().err
     assert err.count("decoding images every epoch instead") == 1 and "Traceback" not in err
     assert (next(out.iterdir()) / "test_metrics.json").is_file()
+
+
+@pytest.mark.parametrize("phase", ["data", "test"])
+def test_sigterm_outside_the_epochs_is_an_interrupt_too(tiny_data, tmp_path, monkeypatch, capsys, phase):
+    """A wandb agent or a cluster sends SIGTERM at any moment: while the data is read (or a probe
+    computes features) and while best.pt is tested, not only inside fit(). It must end the run as
+    Ctrl-C does (a one-line message, exit 130, state.json saying so), not kill it silently. The
+    handler in place at that moment is called directly, as the signal would."""
+    import signal
+
+    import utils.run
+    from utils.cli import run_cli
+
+    real = {"data": utils.run.load_data, "test": utils.run.evaluate}[phase]
+    name = {"data": "load_data", "test": "evaluate"}[phase]
+
+    def terminated(*args, **kwargs):
+        if name == "evaluate" and kwargs.get("desc") != "test":
+            return real(*args, **kwargs)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), handler  # SIG_DFL would kill the process without a word
+        handler(signal.SIGTERM, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.run, name, terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = ["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS]
+    assert run_cli(trainA.main, argv, prog="trainA.py") == 130
+    assert signal.getsignal(signal.SIGTERM) is before
+    err = capsys.readouterr().err
+    assert "trainA.py: interrupted" in err and "Traceback" not in err
+    if phase == "test":
+        run_dir = only_dir(tmp_path / "runs")
+        assert (run_dir / "best.pt").is_file() and '"interrupted"' in (run_dir / "state.json").read_text()

@@ -30,6 +30,7 @@ from .ema import WeightEMA
 from .errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
 from .features import feature_inputs
 from .inputs import RunData, load_data
+from .interrupts import sigterm_as_interrupt
 from .lr_find import run_lr_find
 from .optim import Optimisation, build_optimizer, build_scheduler
 from .outputs import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
@@ -95,7 +96,10 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
         if checkpoint is not None:
             check_script(checkpoint, recipe.script, resume)
         run = Run(cfg, recipe, dist_info, make_precision(cfg, device_name), checkpoint)
-        return _live(run, run_name, summary_text, resume, after_test, lr_find_steps)
+        # SIGTERM (a wandb agent, a cluster's time limit) ends the run as Ctrl-C does in every phase:
+        # reading data, a probe, the epochs (fit() says so again), the test
+        with sigterm_as_interrupt():
+            return _live(run, run_name, summary_text, resume, after_test, lr_find_steps)
     finally:
         release_run_dirs()
         distributed.teardown()
