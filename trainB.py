@@ -259,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{cfg.arch}, strategy {cfg.strategy}: {trainable:,} trainable and {frozen:,} frozen parameters")
         return 0
 
-    # With --resume the weights come from last.pt: skip the download.
-    weights = "none" if args.resume else None
+    # With --resume the weights come from last.pt: skip the download (--refit's fresh model needs them).
+    weights = "none" if args.resume and not cfg.refit else None
     prep, plan = inputs(cfg), plan_for(cfg)
     sizes, mean, std = sizes_of(cfg, prep), prep.mean, prep.std
     print(prep.describe(sizes.eval_resize, sizes.image))

@@ -87,7 +87,7 @@ def report_test(stats, class_names: list[str], header: str) -> dict:
 
 # What --resume lets a user change; everything else comes from the run's own checkpoint.
 RESUME_OVERRIDES = frozenset({"data_dir", "device", "num_workers", "wandb_mode", "epochs", "cache_dir", "pictures",
-                              "patience"})
+                              "patience", "refit"})
 # What --test_only uses besides --checkpoint; any other setting comes from the checkpoint.
 TEST_ONLY_FLAGS = frozenset({"data_dir", "device", "batch_size", "num_workers", "tta"})
 # Settings that change nothing a test measures: tolerated with --test_only, as with any run.
@@ -144,9 +144,11 @@ def config_for_run(args, parser, from_args: Callable, from_checkpoint: Callable)
 
 def check_work_left(checkpoint: dict, cfg, path: str) -> None:
     """A resume that would train nothing, or train one epoch past an early stop, is refused
-    before it rewrites anything of the run."""
+    before it rewrites anything of the run (unless a --refit is still to run)."""
     done = int(checkpoint.get("epoch", 0))
     best = Path(path).with_name("best.pt")
+    if cfg.refit and not Path(path).with_name("refit.pt").is_file():
+        return  # the epochs are done, the refit is not: the resume runs it
     if done >= cfg.epochs:
         raise UsageError(f"'{path}' has trained {done} epochs and --epochs is {cfg.epochs}, so there is nothing to "
                          f"train; pass --epochs above {done} to train on, or test it: --test_only --checkpoint {best}")

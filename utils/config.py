@@ -34,6 +34,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # 0 = off
     cutmix_alpha: float = 0.0  # 0 = off; with both > 0, one of the two per batch
     train_fraction: float = 1.0  # stratified, seeded share of the training split to use
+    refit: bool = False  # after training: a fresh model on train + val for best.pt's epochs, tested too
     tta: str = "flip"  # test-time augmentation for val, test and --predict: none, flip
     # optimisation
     epochs: int = 30
@@ -71,7 +72,8 @@ class TrainConfig:
 # What a checkpoint written before these flags existed was trained and evaluated with: its
 # --test_only, --predict and --resume keep doing exactly that, not today's defaults.
 LEGACY_VALUES = {"crop_scale": 0.35, "jitter": 0.2, "erasing": 0.1, "tta": "none", "crop_pct": 0.875,
-                 "global_pool": "none", "whiten": "off", "probe_epochs": 0, "freeze_bn": False, "norm": "auto"}
+                 "global_pool": "none", "whiten": "off", "probe_epochs": 0, "freeze_bn": False, "norm": "auto",
+                 "refit": False}
 
 
 def config_from_dict(config_cls, values: dict):
@@ -130,6 +132,10 @@ def _data_args(group, d: TrainConfig) -> None:
     group.add_argument("--train_fraction", "--train-fraction", type=number(float, 0, 1, low_open=True),
                        default=d.train_fraction, help="use this share of the training split (stratified, seeded) "
                        f"for quick searches; val and test are never subsampled (default: {d.train_fraction})")
+    add_bool(group, "--refit", default=d.refit,
+             help="after training, train a fresh model the same way on the train and val images together for "
+             "best.pt's number of epochs (the schedule unchanged), save it as refit.pt and report its test as "
+             "test_accuracy (best.pt's test is reported too)")
     group.add_argument("--tta", type=choice(*TTA_MODES), default=d.tta,
                        help=f"test-time augmentation for validation, test and --predict: none, or flip = average "
                        f"the logits of the image and its mirror; with --test_only, instead of the run's own "

@@ -38,18 +38,20 @@ def compute_features(extract: Callable, loader, precision: Precision,
 
 
 def feature_batches(extract: Callable, train_loader, val_loader, precision: Precision, batch_size: int,
-                    seed: int, tta: str = "none") -> tuple[FeatureBatches, FeatureBatches]:
-    """Features of every train image (unshuffled, none dropped) and every val image, computed once;
-    with tta "flip", also of each val image's mirror, so that validation on features scores each
-    image as validation and test on images do (val_tta says how)."""
+                    seed: int, tta: str = "none") -> tuple[FeatureBatches, FeatureBatches | None]:
+    """Features of every train image (unshuffled, none dropped) and every val image (none without a
+    val loader: --refit), computed once; with tta "flip", also of each val image's mirror, so that
+    validation on features scores each image as validation and test on images do (val_tta says how)."""
     train = FeatureBatches(*compute_features(extract, in_order(train_loader), precision), batch_size, True, seed)
+    if val_loader is None:
+        return train, None
     val = compute_features(extract, val_loader, precision, mirror=tta == "flip")
     return train, FeatureBatches(*val, batch_size, False, seed)
 
 
-def val_tta(val: FeatureBatches) -> str:
+def val_tta(val: FeatureBatches | None) -> str:
     """How evaluate() scores these val features: averaged over their views, or one vector each."""
-    return "views" if val.features.dim() == 3 else "none"
+    return "views" if val is not None and val.features.dim() == 3 else "none"
 
 
 def feature_inputs(split: Callable, model: nn.Module, data, precision: Precision, cfg, say: Callable) -> FitInputs:
@@ -62,7 +64,8 @@ def feature_inputs(split: Callable, model: nn.Module, data, precision: Precision
     if cfg.compile:
         say("--compile: not applied, the feature cache trains only the head (one small layer)")
     when = "reused from the probe" if data.features else f"computed once in {time.perf_counter() - started:.1f}s"
-    say(f"frozen features of {len(train.labels) + len(val.labels)} images {when}; epochs now train the head only")
+    images = len(train.labels) + (len(val.labels) if val is not None else 0)
+    say(f"frozen features of {images} images {when}; epochs now train the head only")
     return FitInputs(head, train, val, Precision(precision.device), val_tta(val), len(data.class_names))
 
 
@@ -86,8 +89,10 @@ def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cf
     for epoch in range(1, cfg.probe_epochs + 1):
         train.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
         stats = train_one_epoch(head, train, opt, head_precision, epoch, show_progress=False)
-    result = evaluate(head, val, head_precision, len(data.class_names), desc="probe val", show_progress=False,
-                      tta=val_tta(val))
+    scores = f"train_accuracy {stats.accuracy:.4f}"
+    if val is not None:  # --refit's probe has no val
+        result = evaluate(head, val, head_precision, len(data.class_names), desc="probe val", show_progress=False,
+                          tta=val_tta(val))
+        scores += f", val_accuracy {result.accuracy:.4f}"
     return (f"probe: the head trained alone for {cfg.probe_epochs} epochs on frozen features of "
-            f"{len(train.labels)} train images ({time.perf_counter() - started:.1f}s): train_accuracy "
-            f"{stats.accuracy:.4f}, val_accuracy {result.accuracy:.4f}")
+            f"{len(train.labels)} train images ({time.perf_counter() - started:.1f}s): {scores}")

@@ -3,6 +3,7 @@ with augmentation on the device, or streaming (also the fallback when the cache 
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .runtime import Precision
 @dataclass
 class RunData:
     train_set: NatureData
-    val_set: NatureData
+    val_set: NatureData | None  # None in --refit's data (train and val together)
     test_set: NatureData
     loaders: tuple  # train, val, test
     num_workers: int
@@ -82,24 +83,37 @@ def make_loaders(run, num_workers: int, train_set, val_set, test_set) -> tuple:
 
 
 def cached_loaders(run, train_set, val_set, test_set) -> tuple:
-    cfg, recipe, precision = run.cfg, run.recipe, run.precision
+    return tuple(cached_loader(run, name, dataset, dataset is train_set)
+                 for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)))
+
+
+def cached_loader(run, name: str, dataset, train: bool) -> CachedBatches:
+    cfg, recipe, precision, sizes = run.cfg, run.recipe, run.precision, run.recipe.sizes
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    loaders = []
-    sizes = recipe.sizes
-    for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)):
-        train = dataset is train_set
-        split = build_or_load(dataset.samples, sizes.decode, sizes.train_resize if train else sizes.eval_resize,
-                              cfg.image_size, cache_dir, name)
-        skipped = int((~split.valid).sum())
-        refuse_if_unreadable(name, dataset.root, len(split.valid), len(split.valid) - skipped)
-        if skipped:
-            run.say(f"{name}: {skipped} unreadable image(s) skipped (named above when the cache was built)")
-        augment = BatchAugment(cfg.image_size, train and cfg.data_aug and recipe.augment, recipe.mean, recipe.std,
-                               AugmentSpec.from_config(cfg), precision.channels_last)
-        loaders.append(CachedBatches(split, cfg.batch_size, train, augment, precision.device, cfg.seed,
-                                     on_device=train and keep_on_device(cfg, precision, split),
-                                     rank=run.dist.rank, world=run.dist.world))
-    return tuple(loaders)
+    split = build_or_load(dataset.samples, sizes.decode, sizes.train_resize if train else sizes.eval_resize,
+                          cfg.image_size, cache_dir, name)
+    skipped = int((~split.valid).sum())
+    refuse_if_unreadable(name, dataset.root, len(split.valid), len(split.valid) - skipped)
+    if skipped:
+        run.say(f"{name}: {skipped} unreadable image(s) skipped (named above when the cache was built)")
+    augment = BatchAugment(cfg.image_size, train and cfg.data_aug and recipe.augment, recipe.mean, recipe.std,
+                           AugmentSpec.from_config(cfg), precision.channels_last)
+    return CachedBatches(split, cfg.batch_size, train, augment, precision.device, cfg.seed,
+                         on_device=train and keep_on_device(cfg, precision, split), rank=run.dist.rank,
+                         world=run.dist.world)
+
+
+def train_and_val(run, data: RunData) -> RunData:
+    """--refit's data: the train and val images together as the training split, through the same
+    path (cache or streaming) as the run's own; no val; the same test."""
+    both = copy.copy(data.train_set)
+    both.samples = data.train_set.samples + data.val_set.samples
+    if isinstance(data.loaders[0], CachedBatches):
+        train = cached_loader(run, "train", both, True)
+    else:
+        train = make_loader(both, run.cfg.batch_size, True, run.precision.device, data.num_workers, run.cfg.seed,
+                            run.dist.rank, run.dist.world)
+    return RunData(both, None, data.test_set, (train, None, data.loaders[2]), data.num_workers)
 
 
 def keep_on_device(cfg, precision: Precision, split) -> bool:

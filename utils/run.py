@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,22 +22,21 @@ from data.augment import build_mix
 from data.loaders import CachedBatches
 
 from . import distributed
-from .actions import report_test
 from .checkpoint import (CheckpointWriteError, CheckpointWriter, FitState, check_script, load_checkpoint,
                          restore_training_state)
 from .distributed import DistInfo
 from .ema import WeightEMA
-from .errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
+from .errors import EXIT_DIVERGED, EXIT_INTERRUPTED
 from .features import feature_inputs
-from .inputs import RunData, load_data
+from .finish import test_best
+from .inputs import RunData, load_data, train_and_val
 from .interrupts import sigterm_as_interrupt
 from .lr_find import run_lr_find
 from .optim import Optimisation, build_optimizer, build_scheduler
 from .outputs import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
 from .runtime import Precision, make_precision, prepare_model, seed_everything
 from .tracking import Tracker
-from .evaluation import evaluate
-from .train import DataWorkersDied, FitInputs, NonFiniteLoss, TrainingInterrupted, fit
+from .train import DataWorkersDied, FitInputs, NonFiniteLoss, TrainingInterrupted, fit, is_worker_death, refit
 
 
 @dataclass
@@ -140,6 +139,8 @@ def _in_run_dir(run: Run, run_dir: Path, model: nn.Module, data: RunData, run_na
     if lr_find_steps:
         return run_lr_find(run, model, inputs, opt, lr_find_steps, run_dir, tracker)
     code = train(run, model, inputs, opt, state, run_dir, meta, tracker)
+    if code is None and cfg.refit:
+        code = refit_on_train_and_val(run, data, run_dir, meta, tracker)
     if code is not None:
         return code
     return test_best(run, model, data, run_dir, tracker, after_test)
@@ -237,6 +238,35 @@ def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, stat
         return EXIT_DIVERGED
 
 
+def refit_on_train_and_val(run: Run, data: RunData, run_dir: Path, meta: dict, tracker: Tracker) -> int | None:
+    """--refit (sklearn's refit=True): a fresh model trained as this run's was, on the train and val
+    images together, for best.pt's number of epochs on a schedule as long as the run's (so the
+    same learning rates up to there), saved as refit.pt. An exit code if it failed, else None."""
+    epochs, both = run.state.best_epoch, train_and_val(run, data)
+    run.say(f"refit: a fresh model on the {len(both.train_set)} train and val images for {epochs} epoch{'s' * (epochs != 1)} (best.pt's)")
+    seed_everything(run.cfg.seed + run.dist.rank)
+    model = prepare_model(run.recipe.build_model(len(data.class_names)), run.precision)
+    if run.recipe.init_from_data is not None:
+        run.say(run.recipe.init_from_data(model, both, run.precision))
+    fresh = replace(run, checkpoint=None)
+    opt, _, trained = set_up_training(fresh, model, both, run_dir)
+    try:
+        refit(fit_inputs(fresh, model, trained, both), opt, epochs, run.cfg.seed, tracker.log_refit_epoch, run.dist)
+    except RuntimeError as error:  # NonFiniteLoss is one, like a DataLoader worker's death
+        if not isinstance(error, NonFiniteLoss) and not is_worker_death(error):
+            raise
+        if run.dist.is_main:
+            why = str(error) if isinstance(error, NonFiniteLoss) else "data loading workers died (try --num_workers 0)"
+            print(f"{run.recipe.script}.py: error: the refit stopped: {why}; best.pt is kept in {run_dir}, test it with "
+                  f"--test_only --checkpoint {run_dir / 'best.pt'}", file=sys.stderr)
+            write_state(run_dir, "failed", reason=f"refit: {why}")
+        tracker.finish(exit_code=EXIT_DIVERGED)
+        return EXIT_DIVERGED
+    CheckpointWriter(run_dir, dict(meta, refit_epochs=epochs), model, opt, run.dist).save(
+        "refit.pt", FitState(epoch=epochs, best_epoch=epochs), full=False)
+    return None
+
+
 def interrupted_between_steps(run: Run, run_dir: Path) -> int:
     """Ctrl-C outside the epochs (setting up, the final test, the pictures, or a second Ctrl-C
     while last.pt was written): say what is kept, and leave state.json saying so."""
@@ -252,26 +282,3 @@ def interrupted_between_steps(run: Run, run_dir: Path) -> int:
         with contextlib.suppress(OSError):
             write_state(run_dir, "interrupted", reason=f"interrupted outside training; kept: {', '.join(kept) or 'nothing'}")
     return EXIT_INTERRUPTED
-
-
-def test_best(run: Run, model: nn.Module, data: RunData, run_dir: Path, tracker: Tracker, after_test) -> int:
-    """best.pt on the test folder (with --tta), test_metrics.json, then the pictures."""
-    state, classes = run.state, data.class_names
-    model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
-    test = evaluate(model, data.loaders[2], run.precision, len(classes), desc="test", keep_predictions=True,
-                    show_progress=run.dist.is_main, reduce=run.dist.reduce, tta=run.cfg.tta)
-    if not run.dist.is_main:
-        return EXIT_OK
-    results = report_test(test, classes, f"best.pt (epoch {state.best_epoch}, val_accuracy "
-                                         f"{state.best_val_accuracy:.4f})")
-    results.update(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy)
-    write_json(run_dir / "test_metrics.json", results)
-    tracker.log_summary({k: v for k, v in results.items() if not isinstance(v, dict)})
-    tracker.log_summary({f"test_accuracy/{k}": v for k, v in results["test_per_class_accuracy"].items()})
-    if after_test is not None and not run.dist.enabled:
-        after_test(model=model, precision=run.precision, test_set=data.test_set, test_stats=test, run_dir=run_dir,
-                   tracker=tracker, class_names=classes)
-    tracker.finish()
-    write_state(run_dir, "finished")
-    print(f"saved {run_dir}/best.pt, last.pt, metrics.csv, curves.png, config.json, test_metrics.json")
-    return EXIT_OK

@@ -136,6 +136,8 @@ class Tracker:
         self.run.define_metric("epoch")
         for key in ("train_*", "val_*", "lr"):
             self.run.define_metric(key, step_metric="epoch")
+        self.run.define_metric("refit/epoch")
+        self.run.define_metric("refit/*", step_metric="refit/epoch")
 
     @property
     def run_id(self) -> str:
@@ -148,6 +150,11 @@ class Tracker:
         self.draw_curves()
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if _is_number(v)})
+
+    def log_refit_epoch(self, metrics: dict) -> None:
+        """--refit's epochs: to wandb under refit/ (metrics.csv and curves.png are the run's own)."""
+        if self.is_main and self.run is not None:
+            self.run.log({f"refit/{k}": v for k, v in metrics.items() if _is_number(v)})
 
     def draw_curves(self) -> None:
         """curves.png from metrics.csv (so a resumed run continues the same curves). A picture

@@ -1,6 +1,7 @@
 """One training loop for both scripts: fit() = train_one_epoch() + evaluate() per epoch, with
-AMP, checkpoints, early stopping, Ctrl-C and NaN handling. The loop reads top to bottom: fit()
-at the end holds the epoch, train_one_epoch() above it the step."""
+AMP, checkpoints, early stopping, Ctrl-C and NaN handling; refit() = the same epochs without
+validation (--refit). The loop reads top to bottom: fit() at the end holds the epoch,
+train_epoch() above it one epoch's training, train_one_epoch() the step."""
 
 from __future__ import annotations
 
@@ -161,6 +162,33 @@ class FitInputs:
     num_classes: int
 
 
+def train_epoch(inputs: FitInputs, opt: Optimisation, seed: int, epoch: int, dist: DistInfo) -> tuple[float, EpochStats]:
+    """One epoch of fit() or refit(): (its starting lr, its stats)."""
+    # Shuffle and worker seeds depend on (seed, epoch) only: a resumed run sees the same batches.
+    if getattr(inputs.train, "generator", None) is not None:
+        inputs.train.generator.manual_seed(seed * 1_000_003 + epoch)
+    if opt.before_epoch is not None:
+        opt.before_epoch(epoch)
+    lr = opt.optimizer.param_groups[0]["lr"]
+    return lr, train_one_epoch(inputs.module, inputs.train, opt, inputs.precision, epoch, reduce=dist.reduce,
+                               show_progress=dist.is_main)
+
+
+def refit(inputs: FitInputs, opt: Optimisation, epochs: int, seed: int, log_epoch: Callable[[dict], None],
+          dist: DistInfo = DistInfo()) -> None:
+    """--refit's epochs: fit()'s training without validation (the val images are training data
+    now) for a number of epochs chosen before, on a schedule built for the run's full length. A
+    NaN raises NonFiniteLoss; Ctrl-C raises KeyboardInterrupt (the caller keeps best.pt)."""
+    for epoch in range(1, epochs + 1):
+        lr, train = train_epoch(inputs, opt, seed, epoch, dist)
+        metrics = {"epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy, "lr": lr,
+                   "epoch_time_s": train.seconds, "train_images_per_s": train.images_per_s}
+        log_epoch(metrics)
+        if dist.is_main:
+            tqdm.write(f"refit epoch {epoch}/{epochs}  train_loss {train.loss:.4f}  train_accuracy "
+                       f"{train.accuracy:.4f}  lr {lr:.2e}  {train.images_per_s:.0f} img/s  {train.seconds:.1f}s")
+
+
 def fit(inputs: FitInputs, opt: Optimisation, writer: CheckpointWriter, cfg, log_epoch: Callable[[dict], None],
         state: FitState | None = None, dist: DistInfo = DistInfo()) -> FitState:
     """Train for cfg.epochs (from state.epoch on), validating after each epoch, keeping best.pt
@@ -174,17 +202,12 @@ def fit(inputs: FitInputs, opt: Optimisation, writer: CheckpointWriter, cfg, log
     if opt.scaler is None:
         opt.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
     epoch = state.epoch + 1
+    if cfg.patience and state.epochs_without_improvement >= cfg.patience:
+        return state  # stopped early before a resume that only wants the --refit
     with sigterm_as_interrupt():
         try:
             for epoch in range(state.epoch + 1, cfg.epochs + 1):
-                # Shuffle and worker seeds depend on (seed, epoch) only: a resumed run sees the same batches.
-                if getattr(inputs.train, "generator", None) is not None:
-                    inputs.train.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
-                if opt.before_epoch is not None:
-                    opt.before_epoch(epoch)
-                lr = opt.optimizer.param_groups[0]["lr"]
-                train = train_one_epoch(model, inputs.train, opt, precision, epoch, reduce=dist.reduce,
-                                        show_progress=dist.is_main)
+                lr, train = train_epoch(inputs, opt, cfg.seed, epoch, dist)
                 val = evaluate(model if opt.ema is None else opt.ema.eval_model(), inputs.val, precision,
                                inputs.num_classes, desc=f"epoch {epoch} val", show_progress=dist.is_main,
                                reduce=dist.reduce, tta=inputs.tta)

@@ -1,0 +1,47 @@
+"""The end of a run: best.pt (and, with --refit, refit.pt) on the test folder, test_metrics.json,
+the pictures, and state.json saying "finished"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from torch import nn
+
+from .actions import report_test
+from .checkpoint import load_checkpoint
+from .errors import EXIT_OK
+from .evaluation import evaluate
+from .inputs import RunData
+from .outputs import write_json, write_state
+from .tracking import Tracker
+
+
+def test_best(run, model: nn.Module, data: RunData, run_dir: Path, tracker: Tracker, after_test) -> int:
+    """best.pt on the test folder (with --tta), and with --refit refit.pt after it, whose test is
+    then the run's test_accuracy; test_metrics.json, then the pictures (of the last one tested). run:
+    utils.run.Run (not imported: run.py imports this module)."""
+    state, classes, main = run.state, data.class_names, run.dist.is_main
+    tested = [("best.pt", f"best.pt (epoch {state.best_epoch}, val_accuracy {state.best_val_accuracy:.4f})")]
+    if run.cfg.refit:
+        tested.append(("refit.pt", f"refit.pt ({state.best_epoch} epochs on train + val)"))
+    results = {}
+    for name, header in tested:
+        model.load_state_dict(load_checkpoint(run_dir / name)["model"])
+        test = evaluate(model, data.loaders[2], run.precision, len(classes), desc="test", keep_predictions=True,
+                        show_progress=main, reduce=run.dist.reduce, tta=run.cfg.tta)
+        if main:
+            best = {f"best_pt_{k}": v for k, v in results.items() if k in ("test_loss", "test_accuracy")}
+            results = dict(report_test(test, classes, header), **best)
+    if not main:
+        return EXIT_OK
+    results.update(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy, tested=name)
+    write_json(run_dir / "test_metrics.json", results)
+    tracker.log_summary({k: v for k, v in results.items() if not isinstance(v, dict)})
+    tracker.log_summary({f"test_accuracy/{k}": v for k, v in results["test_per_class_accuracy"].items()})
+    if after_test is not None and not run.dist.enabled:
+        after_test(model=model, precision=run.precision, test_set=data.test_set, test_stats=test, run_dir=run_dir,
+                   tracker=tracker, class_names=classes)
+    tracker.finish()
+    write_state(run_dir, "finished")
+    print(f"saved {run_dir}/best.pt, {'refit.pt, ' if run.cfg.refit else ''}last.pt, metrics.csv, curves.png, "
+          "config.json, test_metrics.json")
+    return EXIT_OK
