@@ -243,16 +243,16 @@ def state_of(run_dir: Path) -> dict:
 
 
 def test_ctrl_c_during_the_final_test_says_what_is_kept(tiny_data, tmp_path, monkeypatch):
-    import utils.run
+    import utils.finish
 
-    real = utils.run.evaluate
+    real = utils.finish.evaluate
 
     def interrupted(*args, **kwargs):
         if kwargs.get("desc") == "test":
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(utils.run, "evaluate", interrupted)
+    monkeypatch.setattr(utils.finish, "evaluate", interrupted)
     out = tmp_path / "runs"
     result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS)
     assert result.returncode == 130
@@ -462,10 +462,12 @@ def test_sigterm_outside_the_epochs_is_an_interrupt_too(tiny_data, tmp_path, mon
     handler in place at that moment is called directly, as the signal would."""
     import signal
 
+    import utils.finish
     import utils.run
     from utils.cli import run_cli
 
-    real = {"data": utils.run.load_data, "test": utils.run.evaluate}[phase]
+    module = {"data": utils.run, "test": utils.finish}[phase]
+    real = {"data": utils.run.load_data, "test": utils.finish.evaluate}[phase]
     name = {"data": "load_data", "test": "evaluate"}[phase]
 
     def terminated(*args, **kwargs):
@@ -476,7 +478,7 @@ def test_sigterm_outside_the_epochs_is_an_interrupt_too(tiny_data, tmp_path, mon
         handler(signal.SIGTERM, None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(utils.run, name, terminated)
+    monkeypatch.setattr(module, name, terminated)
     before = signal.getsignal(signal.SIGTERM)
     argv = ["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS]
     assert run_cli(trainA.main, argv, prog="trainA.py") == 130
