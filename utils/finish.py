@@ -22,7 +22,8 @@ def test_best(run, model: nn.Module, data: RunData, run_dir: Path, tracker: Trac
     state, classes, main = run.state, data.class_names, run.dist.is_main
     tested = [("best.pt", f"best.pt (epoch {state.best_epoch}, val_accuracy {state.best_val_accuracy:.4f})")]
     if run.cfg.refit:
-        tested.append(("refit.pt", f"refit.pt ({state.best_epoch} epochs on train + val)"))
+        epochs = f"{state.best_epoch} epoch{'s' * (state.best_epoch != 1)}"
+        tested.append(("refit.pt", f"refit.pt ({epochs} on train + val)"))
     results = {}
     for name, header in tested:
         model.load_state_dict(load_checkpoint(run_dir / name)["model"])
