@@ -12,7 +12,8 @@ from models.backbone import FREEZE_ALL, build_finetune_model
 from utils.cli import run_cli
 
 B_ARGS = [a for a in TINY_ARGS if a not in ("-nf", "4", "-fo", "same", "-dn", "16")] + ["--arch", "resnet18",
-                                                                                        "--weights", "none"]
+                                                                                        "--weights", "none",
+                                                                                        "--refit", "false"]
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny",

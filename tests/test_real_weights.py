@@ -87,7 +87,7 @@ def birds(tmp_path_factory) -> Path:
 def run_args(data: Path, out: Path, lite0_file: str, *extra: str) -> list[str]:
     return ["--data_dir", str(data), "--output_dir", str(out), "--arch", ARCH, "--weights", lite0_file,
             "-is", "32", "-b", "8", "--num_workers", "0", "--wandb_mode", "disabled", "--no_pictures",
-            "--tta", "none", *extra]
+            "--tta", "none", "--refit", "false", *extra]
 
 
 def test_freeze_all_keeps_every_backbone_tensor_and_bn_statistic_bit_identical(birds, tmp_path, lite0_file):

@@ -22,7 +22,7 @@ pytest.importorskip("timm")
 
 ARCH = "test_efficientnet"
 ARGS = ["--arch", ARCH, "--weights", "none", "-is", "32", "-b", "8", "--num_workers", "0", "--wandb_mode",
-        "disabled", "--amp", "off", "--channels_last", "false", "--no_pictures"]
+        "disabled", "--amp", "off", "--channels_last", "false", "--no_pictures", "--refit", "false"]
 
 
 def test_a_name_both_sources_have_is_torchvisions_and_timm_slash_asks_timm():
@@ -88,16 +88,18 @@ def test_a_timm_run_interrupted_and_resumed_matches_an_uninterrupted_one(tiny_da
         (part / "metrics.csv").read_text().splitlines()[3].split(",")[:5]
 
 
-def test_a_timm_model_under_torchrun(tiny_data, tmp_path):
+def test_a_timm_model_under_torchrun_with_its_refit(tiny_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "trainB.py"), "--data_dir", str(tiny_data), "-e", "1", "--device", "cpu",
                              "--output_dir", str(tmp_path / "runs"), *ARGS, "--strategy", "gradual",
-                             "--head_epochs", "0"],
+                             "--head_epochs", "0", "--refit", "true"],
                             capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_dir(tmp_path / "runs")
-    assert json.loads((run_dir / "test_metrics.json").read_text())["test_images"] == 12
+    results = json.loads((run_dir / "test_metrics.json").read_text())
+    assert results["test_images"] == 12 and results["tested"] == "refit.pt"  # both ranks refit, rank 0 saves
+    assert "refit epoch 1/1" in result.stdout and (run_dir / "refit.pt").exists()
 
 
 def renamed(state: dict) -> dict:
