@@ -55,6 +55,11 @@ def nth_epoch_fails(monkeypatch):
     return fail
 
 
+def test_part_b_refits_by_default_part_a_does_not():
+    assert trainB.ConfigB().refit is True and trainA.ConfigA().refit is False
+    assert trainB.main(["--dry_run", "--arch", "resnet18", "--weights", "none"]) == 0  # parses with the default
+
+
 def refit_lines(printed: str) -> list[str]:
     return [line for line in printed.splitlines() if line.startswith("refit epoch ")]
 

@@ -64,7 +64,8 @@ def render(first_path, second_path) -> str:
     first, second = load_program(first_path), load_program(second_path)
     b_defaults = {a.dest: a.default for a in second.get_args_parser()._actions}
     a_defaults = {a.dest: a.default for a in first.get_args_parser()._actions}
-    changed = ", ".join(f"`--{k} {b_defaults[k]}`" for k in sorted(b_defaults)
+    changed = ", ".join(f"`--{k} {str(b_defaults[k]).lower() if isinstance(b_defaults[k], bool) else b_defaults[k]}`"
+                        for k in sorted(b_defaults)
                         if k in a_defaults and b_defaults[k] != a_defaults[k] and k != "help")
     a_name, b_name = f"{first.__name__}.py", f"{second.__name__}.py"
     return (HEADER + f"\n## {a_name}\n" + parser_tables(first.get_args_parser())
