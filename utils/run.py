@@ -241,9 +241,11 @@ def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, stat
 def refit_on_train_and_val(run: Run, data: RunData, run_dir: Path, meta: dict, tracker: Tracker) -> int | None:
     """--refit (sklearn's refit=True): a fresh model trained as this run's was, on the train and val
     images together, for best.pt's number of epochs on a schedule as long as the run's in epochs
-    (the learning rates of those epochs, up to the rounding of steps), saved as refit.pt. An exit code if it failed, else None."""
+    (the learning rates of those epochs, up to the rounding of steps), saved as refit.pt. An exit
+    code if it failed, else None."""
     epochs, both = run.state.best_epoch, train_and_val(run, data)
-    run.say(f"refit: a fresh model on the {len(both.train_set)} train and val images for {epochs} epoch{'s' * (epochs != 1)} (best.pt's)")
+    run.say(f"refit: a fresh model on the {len(both.train_set)} train and val images for {epochs} "
+            f"epoch{'s' * (epochs != 1)} (best.pt's)")
     seed_everything(run.cfg.seed + run.dist.rank)
     model = prepare_model(run.recipe.build_model(len(data.class_names)), run.precision)
     if run.recipe.init_from_data is not None:
