@@ -154,3 +154,24 @@ def test_a_finished_run_refits_on_resume_with_refit_and_not_twice(tiny_data, tmp
     assert after["tested"] == "refit.pt" and after["best_pt_test_accuracy"] == pytest.approx(before["test_accuracy"])
     # with refit.pt written there is nothing left to do
     assert_one_line_error(run_main("trainA.py", "--resume", str(run_dir / "last.pt"), "--refit"), "nothing to train")
+
+
+def test_a_full_disk_when_refit_pt_is_written_is_one_line_and_state_says_failed(tiny_data, tmp_path, capsys,
+                                                                                monkeypatch):
+    import utils.checkpoint
+
+    real = utils.checkpoint.atomic_torch_save
+
+    def full_disk(obj, path):
+        if str(path).endswith("refit.pt"):
+            raise OSError(28, "No space left on device")
+        return real(obj, path)
+
+    monkeypatch.setattr(utils.checkpoint, "atomic_torch_save", full_disk)
+    argv = ["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "runs"), *B_ARGS,
+            "--strategy", "freeze_all", "--refit"]
+    assert trainB.main(argv) == EXIT_DIVERGED
+    run_dir = only_dir(tmp_path / "runs")
+    assert_one_line(capsys.readouterr().err, "could not write refit.pt", "No space left on device")
+    assert (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists()
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "failed"

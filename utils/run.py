@@ -254,19 +254,21 @@ def refit_on_train_and_val(run: Run, data: RunData, run_dir: Path, meta: dict, t
     opt, _, trained = set_up_training(fresh, model, both, run_dir)
     try:
         refit(fit_inputs(fresh, model, trained, both), opt, epochs, run.cfg.seed, tracker.log_refit_epoch, run.dist)
-    except RuntimeError as error:  # NonFiniteLoss is one, like a DataLoader worker's death
-        if not isinstance(error, NonFiniteLoss) and not is_worker_death(error):
+        CheckpointWriter(run_dir, dict(meta, refit_epochs=epochs), model, opt, run.dist).save(
+            "refit.pt", FitState(epoch=epochs, best_epoch=epochs), full=False)
+        return None
+    except (RuntimeError, CheckpointWriteError) as error:  # NonFiniteLoss is one, like a DataLoader worker's death
+        if isinstance(error, RuntimeError) and not isinstance(error, NonFiniteLoss) and not is_worker_death(error):
             raise
-        if run.dist.is_main:
-            why = str(error) if isinstance(error, NonFiniteLoss) else "data loading workers died (try --num_workers 0)"
-            print(f"{run.recipe.script}.py: error: the refit stopped: {why}; best.pt is kept in {run_dir}, test it with "
-                  f"--test_only --checkpoint {run_dir / 'best.pt'}", file=sys.stderr)
+        why = (str(error) if not isinstance(error, RuntimeError) or isinstance(error, NonFiniteLoss)
+               else "data loading workers died (try --num_workers 0)")
+    if run.dist.is_main:
+        print(f"{run.recipe.script}.py: error: the refit stopped: {why}; best.pt is kept in {run_dir}, test it with "
+              f"--test_only --checkpoint {run_dir / 'best.pt'}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # the same full disk may refuse state.json too
             write_state(run_dir, "failed", reason=f"refit: {why}")
-        tracker.finish(exit_code=EXIT_DIVERGED)
-        return EXIT_DIVERGED
-    CheckpointWriter(run_dir, dict(meta, refit_epochs=epochs), model, opt, run.dist).save(
-        "refit.pt", FitState(epoch=epochs, best_epoch=epochs), full=False)
-    return None
+    tracker.finish(exit_code=EXIT_DIVERGED)
+    return EXIT_DIVERGED
 
 
 def interrupted_between_steps(run: Run, run_dir: Path) -> int:
