@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from data import AugmentSpec, Sizes, build_eval_transform, build_train_transform, sample_images, sizes_for
+from data import AugmentSpec, Sizes, plain_transform, sample_images, sizes_for, train_transform
 from models import (ACTIVATION_NAMES, GLOBAL_POOLS, WHITEN_MODES, build_cnn, canonical_activation, filter_counts,
                     first_conv, min_image_size, summarize, whiten_first_conv_)
 from utils.cli import OneLineParser, add_bool, choice, filter_org, int_or_list, number, run_cli
@@ -20,7 +20,7 @@ from utils.cli import config_from_args as _config_from_args
 from utils.config import TrainConfig, add_action_args, add_train_args, config_from_dict
 from utils.checkpoint import inference_weights
 from utils.errors import UsageError
-from utils.actions import ScriptSpec, open_run, pictures_maker
+from utils.actions import ScriptSpec, checkpoint_action, config_for_run, pictures_maker
 from utils.run import ModelRecipe, train_and_test
 from utils.optim import split_decay
 
@@ -182,38 +182,45 @@ def rebuild_from_checkpoint(checkpoint: dict):
     cfg = config_from_checkpoint(checkpoint)
     model = build_model(cfg, len(checkpoint["class_names"]))
     model.load_state_dict(inference_weights(checkpoint))
-    return cfg, model, build_eval_transform(cfg.image_size, sizes_of(cfg).eval_resize)
+    return cfg, model, plain_transform(sizes_of(cfg))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    code, args, cfg = open_run(SPEC, argv)
-    if code is not None:
-        return code
-    print(run_name(cfg))
-    if args.dry_run:  # the model for the default 10 classes: no data is read
-        print(summarize(build_model(cfg), (3, cfg.image_size, cfg.image_size)).format())
-        return 0
-
+def recipe_for(cfg: ConfigA) -> ModelRecipe:
+    """What trainA contributes to the shared run: the CNN, its optimizer groups and framing."""
     sizes = sizes_of(cfg)
-    eval_transform = build_eval_transform(cfg.image_size, sizes.eval_resize)
-    recipe = ModelRecipe(
+    eval_transform = plain_transform(sizes)
+    return ModelRecipe(
         script="trainA",
-        build_model=lambda num_classes: build_model(cfg, num_classes),
+        new_model=lambda num_classes: build_model(cfg, num_classes),
         param_groups=lambda m: split_decay(((n, p) for n, p in m.named_parameters() if p.requires_grad), cfg.lr,
                                            cfg.weight_decay),
-        train_transform=build_train_transform(cfg.image_size, cfg.data_aug and AugmentSpec.from_config(cfg)),
+        train_transform=train_transform(sizes, cfg.data_aug and AugmentSpec.from_config(cfg)),
         eval_transform=eval_transform,
         sizes=sizes,
         init_from_data=whiten_from_data(cfg, eval_transform) if cfg.whiten != "off" else None,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = SPEC.parse_args(argv)
+    if (code := checkpoint_action(SPEC, args)) is not None:  # --predict, --test_only
+        return code
+    cfg = config_for_run(SPEC, args)
+    if args.dry_run:  # the model for the default 10 classes: no data is read (the name shows in the run folder's)
+        print(run_name(cfg))
+        print(summarize(build_model(cfg), (3, cfg.image_size, cfg.image_size)).format())
+        return 0
+
+    recipe = recipe_for(cfg)
     return train_and_test(cfg, recipe, run_name(cfg) + ("-lr_find" if args.lr_find else ""), resume=args.resume,
                           lr_find_steps=args.lr_find_steps if args.lr_find else 0,
                           after_test=pictures_maker(cfg, guided=True) if cfg.pictures else None,
                           summary_text=lambda m: summarize(m, (3, cfg.image_size, cfg.image_size)).format())
 
 
-SPEC = ScriptSpec("trainA", get_args_parser, config_from_args, config_from_checkpoint, check_config, build_model,
-                  rebuild_from_checkpoint, sizes_of, SHAPE_FIELDS)
+SPEC = ScriptSpec(name="trainA", get_args_parser=get_args_parser, config_from_args=config_from_args,
+                  config_from_checkpoint=config_from_checkpoint, check_config=check_config, model_structure=build_model,
+                  rebuild_from_checkpoint=rebuild_from_checkpoint, sizes=sizes_of, shape_fields=SHAPE_FIELDS)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from .decode import Sizes, eval_resize, load_rgb, sizes_for, working_size
 from .download import DEFAULT_URL, ensure_dataset
 from .errors import DatasetError
 from .folder import IMAGE_EXTENSIONS, resolve_folders, scan_split, stratified_split, stratified_subset
-from .transforms import AUTO_AUGMENTS, IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, build_eval_transform, build_train_transform
+from .transforms import (AUTO_AUGMENTS, IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, build_eval_transform, build_train_transform,
+                         plain_transform, train_transform)
 
 __all__ = [
     "NatureData",
@@ -30,4 +31,6 @@ __all__ = [
     "IMAGENET_STD",
     "build_eval_transform",
     "build_train_transform",
+    "plain_transform",
+    "train_transform",
 ]

@@ -6,6 +6,7 @@ versions of what the streaming path does are written here."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -41,6 +42,12 @@ class BatchAugment:
         self._mean, self._std = tuple(mean), tuple(std)
         self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._policy = BatchPolicy(spec.auto_augment) if spec.auto_augment != "none" else None
+
+    def plain(self) -> "BatchAugment":
+        """This augmentation switched off: the center crop and normalisation alone."""
+        other = copy.copy(self)
+        other.augment = False
+        return other
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """mean, std and the gray weights on `device`, made once per device."""

@@ -37,6 +37,7 @@ class NatureData(Dataset):
         seed: int = 0,
         train_fraction: float = 1.0,
         decode_size: int | None = None,
+        plain_transform: Callable | None = None,
     ):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
@@ -52,6 +53,9 @@ class NatureData(Dataset):
         self.split = split
         self.samples: list[Sample] = samples
         self.transform = transform
+        # an unaugmented pass over these images (data.loaders.in_order) uses this one: the run's
+        # data.transforms.plain_transform, where transform augments
+        self.plain_transform = plain_transform or transform
         # decode_size (Sizes.decode): the shorter side files are decoded to; default working_size(image_size)
         self.decode_size = decode_size or (working_size(image_size) if image_size else None)
 

@@ -16,6 +16,7 @@ import functools
 import queue
 import random
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
@@ -76,13 +77,19 @@ def make_loader(dataset, batch_size: int, train: bool, device: torch.device, num
 
 
 def in_order(loader):
-    """loader's images unshuffled and with the last partial batch kept (every image once)."""
+    """loader's images unshuffled, the last partial batch kept, and not augmented (every image once,
+    framed as val and test are: the dataset's plain_transform, or the cache's plain split)."""
     if isinstance(loader, CachedBatches):
         return loader.in_order()
     sampler = loader.batch_sampler
-    return DataLoader(loader.dataset, batch_sampler=ShardedBatchSampler(sampler.size, sampler.batch_size, False,
-                                                                        sampler.generator, sampler.rank, sampler.world),
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+    dataset = copy.copy(loader.dataset)
+    dataset.transform = getattr(dataset, "plain_transform", dataset.transform)
+    # Its own generator: iterating draws the workers' base seed from it, never from the global RNG
+    # (a resumed run computes its features after restoring that RNG, the original one before).
+    return DataLoader(dataset, batch_sampler=ShardedBatchSampler(sampler.size, sampler.batch_size, False,
+                                                                 sampler.generator, sampler.rank, sampler.world),
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def index_on(device: torch.device, positions) -> torch.Tensor:
@@ -125,8 +132,12 @@ class CachedBatches:
     """
 
     def __init__(self, split: DecodedSplit, batch_size: int, train: bool, augment: BatchAugment,
-                 device: torch.device, seed: int = 0, on_device: bool = False, rank: int = 0, world: int = 1):
+                 device: torch.device, seed: int = 0, on_device: bool = False, rank: int = 0, world: int = 1,
+                 plain_split: Callable[[], DecodedSplit] | None = None):
         self.split, self.augment, self.device, self.train = split, augment, device, train
+        # The same files decoded at the eval resize, for in_order() where split is framed for
+        # random crops (a larger resize); None = split itself is framed as val and test are.
+        self.plain_split = plain_split
         self.rank = rank
         self.indices = torch.from_numpy(np.flatnonzero(split.valid))
         self.generator = torch.Generator().manual_seed(seed)
@@ -139,10 +150,14 @@ class CachedBatches:
         return len(self.sampler)
 
     def in_order(self) -> "CachedBatches":
-        """The same images unshuffled, the last partial batch kept, not augmented (sharing the
-        pixels already loaded): for computing something once per image."""
+        """The same images unshuffled, the last partial batch kept, not augmented and framed as
+        val and test are (center crop of the plain split): for computing something once per image."""
         other = copy.copy(self)
         other.train = False
+        other.augment = self.augment.plain()
+        if self.plain_split is not None:
+            other.split = self.plain_split()
+            other.images = other.labels = None  # read from the plain split's memory map
         other.sampler = ShardedBatchSampler(len(self.indices), self.sampler.batch_size, False, self.generator,
                                             self.rank, self.sampler.world)
         return other
@@ -206,7 +221,9 @@ class CachedBatches:
 
 
 class FeatureBatches:
-    """Shuffled batches of precomputed features; same per-epoch seeding contract as the loaders."""
+    """Shuffled batches of precomputed features; same per-epoch seeding contract as the loaders.
+    Features of (images, views, dim) (an image and its mirror) keep their views: evaluate averages
+    over them."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, seed: int):
         self.features, self.labels = features, labels

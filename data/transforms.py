@@ -81,6 +81,24 @@ def build_eval_transform(
     )
 
 
+def plain_transform(sizes, mean: tuple[float, ...] = IMAGENET_MEAN,
+                    std: tuple[float, ...] = IMAGENET_STD) -> v2.Compose:
+    """The one unaugmented framing of a run (a data.decode.Sizes): shorter side to
+    sizes.eval_resize, center crop sizes.image, normalise. Val, test, --predict and every pass
+    over train images that is not augmented (a probe's or the feature cache's features, training
+    without --data_aug) use it, on both data paths; the decoded-image cache stores exactly its
+    pixels before the crop."""
+    return build_eval_transform(sizes.image, sizes.eval_resize, mean, std)
+
+
+def train_transform(sizes, augment: bool | AugmentSpec, mean: tuple[float, ...] = IMAGENET_MEAN,
+                    std: tuple[float, ...] = IMAGENET_STD) -> v2.Compose:
+    """A run's train transform: plain_transform without augmentation, else build_train_transform."""
+    if augment is False:
+        return plain_transform(sizes, mean, std)
+    return build_train_transform(sizes.image, augment, mean=mean, std=std)
+
+
 def build_train_transform(
     image_size: int,
     augment: bool | AugmentSpec = True,

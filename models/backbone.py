@@ -142,6 +142,11 @@ class FineTuneNet(nn.Module):
             setattr(parent, leaf, head)
             self.train(was_training)
 
+    def split(self) -> tuple:
+        """(the backbone as a function of images, the head): for training the head alone on
+        features of a frozen backbone."""
+        return self.features, self.head
+
     def stage_names(self) -> list[str]:
         return [name for name, _ in self.stages()]
 
@@ -162,6 +167,18 @@ class FineTuneNet(nn.Module):
         walk(self.net, "")
         return paths
 
+    def stage_named(self, stage: str) -> str:
+        """The stage --freeze_upto names: its full name, its last part (layer2, or 3 for blocks.3),
+        or "middle", the stage halfway down (ResNet's layer2 of conv1..layer4, Lite0's blocks.3)."""
+        names = self.stage_names()
+        if stage == "middle":
+            return names[len(names) // 2]
+        short = {n.rsplit(".", 1)[-1]: n for n in names}
+        if short.get(stage, stage) not in names:
+            raise ModelConfigError(f"--freeze_upto {stage} is not a stage of {self.arch}; choose middle or one of "
+                                   f"{', '.join(names)}")
+        return short.get(stage, stage)
+
     def freeze_upto(self, stage: str | None) -> None:
         """Freeze every stage up to and including `stage`; FREEZE_ALL freezes all but the head;
         None unfreezes everything. The head always stays trainable."""
@@ -174,13 +191,7 @@ class FineTuneNet(nn.Module):
             for param in self.net.parameters(recurse=False):  # e.g. a ViT's class token
                 param.requires_grad_(False)
         else:
-            names = self.stage_names()
-            short = {n.rsplit(".", 1)[-1]: n for n in names}
-            stage = short.get(stage, stage)
-            if stage not in names:
-                raise ModelConfigError(f"--freeze_upto {stage} is not a stage of {self.arch}; choose one of "
-                                       f"{', '.join(names)}")
-            upto = names.index(stage)
+            upto = self.stage_names().index(self.stage_named(stage))
             self.frozen = [path for _, paths in self.stages()[: upto + 1] for path in paths]
         for path in self.frozen:
             for param in self.net.get_submodule(path).parameters():

@@ -82,7 +82,7 @@ def _known(source: str, name: str) -> bool:
 
 def _suggest(name: str) -> str:
     timm = _timm()
-    names = sorted(torchvision_models()) + (timm.list_models() if timm else [])
+    names = sorted(set(torchvision_models()) | set(timm.list_models() if timm else []))  # a name both have once
     close = difflib.get_close_matches(name.split("/")[-1], names, n=3, cutoff=0.75)
     return f" (did you mean {', '.join(close)}?)" if close else ""
 

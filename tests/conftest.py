@@ -126,6 +126,13 @@ def only_dir(output: Path) -> Path:
     return run_dir
 
 
+def state_of(run_dir: Path) -> dict:
+    """A run directory's state.json."""
+    import json
+
+    return json.loads((Path(run_dir) / "state.json").read_text())
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.csv of a run directory, one dict per epoch."""
     import csv

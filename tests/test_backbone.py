@@ -165,7 +165,7 @@ def test_gradual_resume_after_unfreezing_keeps_everything_trainable(tiny_data, t
 
 @pytest.mark.parametrize("argv,needle", [
     (["--strategy", "bogus"], "'bogus' is not one of freeze_all, freeze_upto, full, gradual"),
-    (["--strategy", "freeze_upto", "--freeze_upto", "layer9"], "layer9 is not a stage of resnet50; choose one of conv1, layer1"),
+    (["--strategy", "freeze_upto", "--freeze_upto", "layer9"], "layer9 is not a stage of resnet50; choose middle or one of conv1, layer1"),
     (["--arch", "vit_b_16", "--image_size", "128", "--dry_run"], "only 224x224"),
     (["--weights", "IMAGENET9K"], "neither a weights name for resnet50"),
 ])
@@ -206,8 +206,24 @@ def test_feature_cache_matches_the_plain_path_within_noise(tmp_path, cache, caps
 
 
 def test_feature_cache_applies_only_to_freeze_all():
-    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", data_aug=False)).feature_cache
-    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", data_aug=True)).feature_cache
-    assert not trainB.plan_for(trainB.ConfigB(strategy="freeze_all", feature_cache="false")).feature_cache
-    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", feature_cache="true")).feature_cache
-    assert not trainB.plan_for(trainB.ConfigB(strategy="full", feature_cache="true")).feature_cache
+    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", data_aug=False)).on_features
+    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", data_aug=True)).on_features
+    assert not trainB.plan_for(trainB.ConfigB(strategy="freeze_all", feature_cache="false")).on_features
+    assert trainB.plan_for(trainB.ConfigB(strategy="freeze_all", feature_cache="true")).on_features
+    assert not trainB.plan_for(trainB.ConfigB(strategy="full", feature_cache="true")).on_features
+
+
+@pytest.mark.parametrize("arch,middle", [("resnet50", "layer2"), ("tf_efficientnet_lite0", "blocks.3")])
+def test_freeze_upto_middle_fits_every_arch_and_is_the_default(arch, middle, capsys):
+    """--freeze_upto's default names the stage halfway down, so freeze_upto runs on any arch
+    (it was ResNet's layer2, which stopped a Lite0 run with 'not a stage')."""
+    pytest.importorskip("timm")
+    assert trainB.ConfigB().freeze_upto == "middle"
+    cfg = trainB.ConfigB(arch=arch, weights="none", strategy="freeze_upto")
+    model = trainB.build_structure(cfg)
+    assert model.stage_named("middle") == middle
+    upto = model.stage_names().index(middle) + 1
+    assert set(model.frozen) == {path for _, paths in model.stages()[:upto] for path in paths}
+    assert 0 < upto < len(model.stage_names())  # some stages frozen, some train
+    assert trainB.main(["--strategy", "freeze_upto", "--arch", arch, "--weights", "none", "--dry_run"]) == 0
+    assert "stages " in capsys.readouterr().out

@@ -37,7 +37,8 @@ def test_cached_and_streaming_eval_give_the_same_tensors(tiny_data, tmp_path):
 @pytest.mark.parametrize("crop_pct", [0.875, 0.94, 1.0])
 def test_eval_crop_is_the_same_on_both_paths_and_the_train_split_keeps_its_margin(tiny_data, tmp_path, crop_pct):
     """--crop_pct: the cached val/test squares equal the streaming eval transform's output, and
-    the train split is still cached with the training margin (working_size)."""
+    an augmented train split is still cached with the training margin (working_size); one that is
+    not augmented is framed as val and test are."""
     from data import eval_resize
     from utils.inputs import cached_loaders
     from utils.run import ModelRecipe
@@ -49,13 +50,17 @@ def test_eval_crop_is_the_same_on_both_paths_and_the_train_split_keeps_its_margi
     resize = eval_resize(32, crop_pct)
     sets = [NatureData(tiny_data, split, build_eval_transform(32, resize), 32, val_fraction=0.2)
             for split in ("train", "val", "test")]
-    cfg = SimpleNamespace(cache_dir=str(tmp_path / "cache"), image_size=32, data_aug=False, batch_size=64, seed=0,
+    cfg = SimpleNamespace(cache_dir=str(tmp_path / "cache"), image_size=32, data_aug=True, batch_size=64, seed=0,
                           data_on_device="false", crop_scale=0.6, jitter=0.0, erasing=0.0, auto_augment="none")
-    recipe = ModelRecipe("trainA", None, None, None, None, sizes=sizes_for(32, crop_pct))
+    recipe = ModelRecipe(script="trainA", new_model=None, param_groups=None, train_transform=None, eval_transform=None,
+                         sizes=sizes_for(32, crop_pct))
     run = SimpleNamespace(cfg=cfg, recipe=recipe, say=print, dist=SimpleNamespace(rank=0, world=1),
                           precision=SimpleNamespace(device=torch.device("cpu"), channels_last=False))
     train, _, test = cached_loaders(run, *sets)
     assert train.split.images.shape[1] == working_size(32) and test.split.images.shape[1] == resize
+    plain_train, _, _ = cached_loaders(SimpleNamespace(**dict(vars(run), cfg=SimpleNamespace(**dict(vars(cfg), data_aug=False)))),
+                                       *sets)
+    assert plain_train.split.images.shape[1] == resize
     (cached, labels), = list(test)
     streamed = torch.stack([sets[2][i][0] for i in range(len(sets[2]))])
     assert torch.allclose(cached, streamed, atol=1e-5), (cached - streamed).abs().max()

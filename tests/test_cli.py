@@ -127,3 +127,29 @@ def test_run_name_holds_the_swept_hyperparameters():
     assert trainA.run_name(cfg) == "SiLU-nf8,16,16,32,32-fs3-nobn-d0-noaug-lr0.002"
     assert trainA.run_name(parse("--convs_per_block", "2")) == "SiLU-nf32-double-fs3x2-bn-d0.2-aug-lr0.002"
     assert trainA.run_name(parse("--run_name", "mine")) == "mine"
+
+
+def test_a_misspelt_flag_is_one_line_naming_the_flag_it_meant(tmp_path):
+    from conftest import assert_one_line_error, run_main
+
+    assert_one_line_error(run_main("trainA.py", "--epcohs", "2"), "unrecognized arguments: --epcohs 2",
+                          "did you mean --epochs?")
+    assert_one_line_error(run_main("trainB.py", "--backbone_lrr=0.1"), "did you mean --backbone_lr?")
+    result = run_main("trainA.py", "--qqqqqq")
+    assert result.returncode == 2 and "did you mean" not in result.stderr
+
+
+def test_an_unknown_arch_suggests_each_close_name_once():
+    from conftest import run_main
+
+    pytest.importorskip("timm")
+    line = run_main("trainB.py", "--arch", "resnet5").stderr
+    suggested = line.split("did you mean ", 1)[1].split("?")[0].split(", ")
+    assert "resnet50" in suggested and len(suggested) == len(set(suggested))
+
+
+def test_an_error_is_not_preceded_by_the_run_name(tmp_path):
+    from conftest import run_main
+
+    result = run_main("trainA.py", "--data_dir", str(tmp_path / "missing"))
+    assert result.returncode == 2 and result.stdout == ""

@@ -95,8 +95,8 @@ def test_refit_on_cached_features_trains_the_head_on_train_and_val_features(tiny
                         "--strategy", "freeze_all", "--refit"]) == 0
     printed = capsys.readouterr().out
     best_epoch = json.loads((only_dir(tmp_path / "runs") / "test_metrics.json").read_text())["best_epoch"]
-    assert printed.count("images reused from the probe") == 2  # the run's 24 + 6 (and mirrors), then 30
-    assert "frozen features of 30 images reused from the probe" in printed
+    assert printed.count("images reused from the probe") == 1  # the run's 24 + 6 (and mirrors)
+    assert "frozen features of 30 images reused from the run (train and val)" in printed  # the refit's
     assert len(refit_lines(printed)) == best_epoch
 
 

@@ -248,7 +248,7 @@ def test_ctrl_c_during_the_final_test_says_what_is_kept(tiny_data, tmp_path, mon
     real = utils.finish.evaluate
 
     def interrupted(*args, **kwargs):
-        if kwargs.get("desc") == "test":
+        if str(kwargs.get("desc")).startswith("test"):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -336,39 +336,6 @@ def test_data_workers_that_die_mid_run_save_last_pt_and_name_the_fix(tiny_data, 
     assert "out of shared memory" in result.stderr and "--num_workers 0" in result.stderr and "--shm-size" in result.stderr
     run_dir = only_dir(out)
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
-    assert state_of(run_dir)["state"] == "interrupted"
-
-
-def test_sigint_to_the_process_group_with_loader_workers_saves_and_says_so(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    import torch
-
-    from conftest import interactive_signals
-
-    data = make_dataset(tmp_path / "data", train_per_class=40, test_per_class=2)
-    args = [sys.executable, str(ROOT / "trainA.py"), "--data_dir", str(data), "-e", "200", "--output_dir",
-            str(tmp_path / "runs"), *TINY_ARGS, "-b", "2", "--patience", "0", "--cache", "off"]
-    args[args.index("--num_workers") + 1] = "2"
-
-    def own_group():
-        interactive_signals()
-        os.setpgrp()  # a terminal's job: the signal reaches the workers too
-
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=own_group)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/200"):
-            break
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and "interrupted during epoch" in err and "nothing to keep" not in err
-    run_dir = only_dir(tmp_path / "runs")
-    assert torch.load(run_dir / "last.pt", weights_only=True)["interrupted"] is True
     assert state_of(run_dir)["state"] == "interrupted"
 
 
@@ -471,7 +438,7 @@ def test_sigterm_outside_the_epochs_is_an_interrupt_too(tiny_data, tmp_path, mon
     name = {"data": "load_data", "test": "evaluate"}[phase]
 
     def terminated(*args, **kwargs):
-        if name == "evaluate" and kwargs.get("desc") != "test":
+        if name == "evaluate" and not str(kwargs.get("desc")).startswith("test"):
             return real(*args, **kwargs)
         handler = signal.getsignal(signal.SIGTERM)
         assert callable(handler), handler  # SIG_DFL would kill the process without a word

@@ -107,6 +107,9 @@ def test_lr_find_flag_writes_its_files_and_no_checkpoint(tiny_data, tmp_path, ca
         rows = list(csv.DictReader(f))
     assert 2 <= len(rows) <= 12 and float(rows[0]["lr"]) == pytest.approx(START_LR)
     assert json.loads((run_dir / "state.json").read_text())["state"] == "lr_find"
+    from utils.runs_table import run_state
+
+    assert run_state(run_dir) == "lr_find"  # not "failed": it ended as it should
 
 
 def test_pictures_are_full_colour(tiny_data, tmp_path):

@@ -5,6 +5,7 @@ end-of-run pictures hook."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .runtime import default_num_workers, make_precision, prepare_model, resolve
 from .evaluation import evaluate
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScriptSpec:
     """What each script provides, in one place: main() and utils.sweep_check use only this."""
     name: str  # "trainA" / "trainB": checkpoints record it
@@ -27,7 +28,7 @@ class ScriptSpec:
     config_from_args: Callable  # parsed flags -> config
     config_from_checkpoint: Callable  # checkpoint dict -> config
     check_config: Callable  # raises UsageError/ModelConfigError for what can fail without data
-    build_model: Callable  # config -> the model's structure, no weights loaded (sweep checks)
+    model_structure: Callable  # config -> the model's structure, no weights loaded (sweep checks)
     rebuild_from_checkpoint: Callable  # checkpoint -> (config, model with weights, eval transform)
     sizes: Callable  # config -> data.Sizes (decode, eval resize, crop)
     shape_fields: tuple[str, ...] = ()  # flags whose combinations decide whether the model builds
@@ -36,22 +37,23 @@ class ScriptSpec:
         return self.get_args_parser().parse_args(argv)
 
 
-def open_run(spec: ScriptSpec, argv: Sequence[str] | None):
-    """The opening both scripts' main() share: parse, run --predict/--test_only if asked (returns
-    (exit code, None, None)), else the run's config with --resume's rules, checked before any
-    data is touched: (None, args, config)."""
+def checkpoint_action(spec: ScriptSpec, args) -> int | None:
+    """--predict or --test_only, which need only a checkpoint: their exit code; None when neither
+    was asked for (the command trains)."""
+    return run_checkpoint_action(args, spec.get_args_parser(), spec)
+
+
+def config_for_run(spec: ScriptSpec, args):
+    """The run's config from parsed flags: as given, or with --resume the saved one plus the few
+    flags a resume may change; checked before any data is touched."""
     parser = spec.get_args_parser()
-    args = parser.parse_args(argv)
-    code = run_checkpoint_action(args, parser, spec)
-    if code is not None:
-        return code, None, None
-    cfg = config_for_run(args, parser, spec.config_from_args, spec.config_from_checkpoint)
+    cfg = merged_config(args, parser, spec.config_from_args, spec.config_from_checkpoint)
     check_wandb_names(cfg)
     spec.check_config(cfg)
     resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
     if args.lr_find and args.resume:
         raise UsageError("--lr_find starts from fresh weights; drop --resume")
-    return None, args, cfg
+    return cfg
 
 
 WANDB_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
@@ -68,12 +70,18 @@ def check_wandb_names(cfg) -> None:
         raise UsageError(f"--wandb_project '{project[:40]}...' must be 1 to 128 characters (it has {len(project)})")
 
 
-def report_test(stats, class_names: list[str], header: str) -> dict:
-    """Print test metrics and per-class accuracy; return them as a flat dict."""
+def report_test(stats, class_names: list[str], header: str, per_class_table: bool = True) -> dict:
+    """Print test metrics (and the per-class accuracy table); return them as a flat dict."""
     from .pictures import MAX_CLASSES_SHOWN
 
     per_class = dict(zip(class_names, stats.per_class_accuracy()))
-    print(f"{header}: test_loss {stats.loss:.4f}  test_accuracy {stats.accuracy:.4f}  ({stats.images} images)")
+    print(f"{header}: test_loss {stats.loss:.4f}  test_accuracy {stats.accuracy:.4f}  top5 {stats.top5_accuracy:.4f}  "
+          f"balanced {stats.balanced_accuracy:.4f}  ({stats.images} images)")
+    results = {"test_loss": stats.loss, "test_accuracy": stats.accuracy, "test_top5_accuracy": stats.top5_accuracy,
+               "test_balanced_accuracy": stats.balanced_accuracy, "test_images": stats.images,
+               "test_per_class_accuracy": per_class}
+    if not per_class_table:
+        return results
     shown = per_class
     if len(per_class) > MAX_CLASSES_SHOWN:  # the weakest classes; every one is in test_metrics.json
         shown = dict(sorted(per_class.items(), key=lambda item: item[1])[:MAX_CLASSES_SHOWN])
@@ -81,8 +89,7 @@ def report_test(stats, class_names: list[str], header: str) -> dict:
     width = max(len(n) for n in shown)
     for name, accuracy in shown.items():
         print(f"  {name:<{width}}  {accuracy:.4f}")
-    return {"test_loss": stats.loss, "test_accuracy": stats.accuracy, "test_images": stats.images,
-            "test_per_class_accuracy": per_class}
+    return results
 
 
 # What --resume lets a user change; everything else comes from the run's own checkpoint.
@@ -120,7 +127,7 @@ def run_checkpoint_action(args, parser, spec: ScriptSpec) -> int | None:
     return None
 
 
-def config_for_run(args, parser, from_args: Callable, from_checkpoint: Callable):
+def merged_config(args, parser, from_args: Callable, from_checkpoint: Callable):
     """The run's config: from the flags, or with --resume from the checkpoint plus the few
     flags RESUME_OVERRIDES allows to change. Any other flag that would change a saved setting
     is refused (silently dropping it would run something else than the user asked for)."""
@@ -149,6 +156,8 @@ def check_work_left(checkpoint: dict, cfg, path: str) -> None:
     best = Path(path).with_name("best.pt")
     if cfg.refit and not Path(path).with_name("refit.pt").is_file():
         return  # the epochs are done, the refit is not: the resume runs it
+    if not finished(Path(path).parent):
+        return  # stopped after its epochs (Ctrl-C in the test, say): the resume finishes it
     if done >= cfg.epochs:
         raise UsageError(f"'{path}' has trained {done} epochs and --epochs is {cfg.epochs}, so there is nothing to "
                          f"train; pass --epochs above {done} to train on, or test it: --test_only --checkpoint {best}")
@@ -157,6 +166,15 @@ def check_work_left(checkpoint: dict, cfg, path: str) -> None:
         raise UsageError(f"the run of '{path}' stopped early after epoch {done} (no better val_accuracy for {waited} "
                          f"epochs, --patience {cfg.patience}); pass a larger --patience (or 0) to train on, or test "
                          f"it: --test_only --checkpoint {best}")
+
+
+def finished(run_dir: Path) -> bool:
+    """The run's state.json says it ended as it should (tested); a run without one (written by an
+    older version) counts as finished when it has its test_metrics.json."""
+    try:
+        return json.loads((run_dir / "state.json").read_text()).get("state") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return (run_dir / "test_metrics.json").is_file()
 
 
 def check_resumable(checkpoint: dict, path: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import random
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -24,18 +26,35 @@ FORMAT_VERSION = 1
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Write to a temporary file beside path, fsync, then rename over path: a kill at any moment
-    leaves either the old file or the new one, never half of one."""
+    leaves either the old file or the new one, never half of one. Any failure to write the
+    temporary file is an OSError: torch's zip writer reports a full disk as a RuntimeError
+    ("[enforce fail at inline_container.cc] . unexpected pos ...")."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            except RuntimeError as error:
+                raise write_failure(path.parent, error) from None
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_failure(folder: Path, error: RuntimeError) -> OSError:
+    """What a failed write of a file in folder most likely was, as an OSError: no space left when
+    the disk is (nearly) full, else an I/O error carrying torch's words."""
+    try:
+        full = shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, f"write failed: {' '.join(str(error).split())[:100]}")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -147,6 +166,27 @@ class CheckpointWriter:
                 payload.update(ema=ema.state_dict())
             if rng_ranks is not None:
                 payload.update(rng_ranks=rng_ranks)
+        self._write(payload, name)
+
+    def save_interrupted(self, state: FitState) -> None:
+        """After Ctrl-C inside an epoch: last.pt keeps the state at that epoch's start (written when
+        the epoch before it ended, or when the run started), now flagged interrupted, so a resume
+        replays the epoch exactly as an uninterrupted run trains it; the weights as they are now go
+        to interrupted.pt (--test_only and --predict load it like best.pt)."""
+        if not self.dist.is_main:
+            return
+        last = self.run_dir / "last.pt"
+        try:
+            payload = torch.load(last, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError):
+            payload = None
+        if payload is None or payload.get("epoch") != state.epoch:  # none to keep: the state as it is
+            self.save("last.pt", state, full=True, interrupted=True)
+            return
+        self._write(dict(payload, interrupted=True), "last.pt")
+        self.save("interrupted.pt", state, full=False)
+
+    def _write(self, payload: dict, name: str) -> None:
         try:
             atomic_torch_save(payload, self.run_dir / name)
         except OSError as error:  # a full disk or a vanished folder: the older checkpoints are intact

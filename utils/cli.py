@@ -52,7 +52,18 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag prints one line (no usage block) and exits 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} (see --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """For a misspelt flag (--epcohs), the flag it most likely meant."""
+        import difflib
+
+        match = re.match(r"unrecognized arguments: (\S+)", message)
+        if not match or not match.group(1).startswith("-"):
+            return ""
+        flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        close = difflib.get_close_matches(match.group(1).split("=")[0], flags, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
 
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}

@@ -23,9 +23,17 @@ class EvalStats:
     per_class_total: list[int]
     predictions: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
+    top5_accuracy: float = float("nan")  # the true class among the 5 highest logits (all, under 5 classes)
 
     def per_class_accuracy(self) -> list[float]:
         return [c / t if t else float("nan") for c, t in zip(self.per_class_correct, self.per_class_total)]
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """The mean of the per-class accuracies over the classes the data holds (sklearn's
+        balanced_accuracy_score): every class counts the same, however many images it has."""
+        seen = [c / t for c, t in zip(self.per_class_correct, self.per_class_total) if t]
+        return sum(seen) / len(seen) if seen else float("nan")
 
 
 def predict_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -55,23 +63,23 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int, d
     loss_sum = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
     class_correct = torch.zeros(num_classes, device=device, dtype=torch.long)
     class_total = torch.zeros(num_classes, device=device, dtype=torch.long)
+    top5_correct = torch.zeros((), device=device, dtype=torch.long)
     predictions, targets_all = [], []
-    for batch in tqdm(start_iterating(loader), desc=desc, total=len(loader), leave=False,
-                      disable=None if show_progress else True, dynamic_ncols=True):
-        if batch is None:
-            continue
-        inputs, targets = precision.to_device(*batch)
+    for _, inputs, targets in precision.batches(tqdm(start_iterating(loader), desc=desc, total=len(loader), leave=False,
+                                                      disable=None if show_progress else True, dynamic_ncols=True)):
         with precision.autocast():
             logits = predict_logits(model, inputs, tta)
         loss_sum += nn.functional.cross_entropy(logits.float(), targets, reduction="sum").to(loss_sum.dtype)
         predicted = logits.argmax(1)
         class_total.index_add_(0, targets, torch.ones_like(targets))
         class_correct.index_add_(0, targets, (predicted == targets).long())
+        top5_correct += (logits.topk(min(5, logits.shape[1]), 1).indices == targets[:, None]).any(1).sum()
         if keep_predictions:
             predictions.append(predicted.cpu())
             targets_all.append(targets.cpu())
     if reduce is not None:
         loss_sum, class_correct, class_total = reduce(loss_sum), reduce(class_correct), reduce(class_total)
+        top5_correct = reduce(top5_correct)
     total = int(class_total.sum())
     correct = int(class_correct.sum())
     return EvalStats(
@@ -82,4 +90,5 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int, d
         per_class_total=class_total.tolist(),
         predictions=torch.cat(predictions).tolist() if predictions else [],
         targets=torch.cat(targets_all).tolist() if targets_all else [],
+        top5_accuracy=int(top5_correct) / max(total, 1),
     )

@@ -3,6 +3,7 @@ the pictures, and state.json saying "finished"."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from torch import nn
 
@@ -10,15 +11,30 @@ from .actions import report_test
 from .checkpoint import load_checkpoint
 from .errors import EXIT_OK
 from .evaluation import evaluate
+from .features import test_features, val_tta
 from .inputs import RunData
 from .outputs import write_json, write_state
+from .recipe import Run
+from .runtime import Precision
 from .tracking import Tracker
 
 
-def test_best(run, model: nn.Module, data: RunData, run_dir: Path, tracker: Tracker, after_test) -> int:
+def test_of(run: Run, model: nn.Module, data: RunData, name: str):
+    """model's test; where the epochs trained a head on frozen features, the head's on the test
+    images' features, computed once for every checkpoint tested (their backbones are the same)."""
+    if not run.on_features:
+        return evaluate(model, data.loaders[2], run.precision, len(data.class_names), desc=f"test {name}",
+                        keep_predictions=True, show_progress=run.dist.is_main, reduce=run.dist.reduce,
+                        tta=run.cfg.tta)
+    split = run.recipe.split_features
+    features = test_features(split, model, data, run.precision, run.cfg)
+    return evaluate(split(model)[1], features, Precision(run.precision.device), len(data.class_names),
+                    desc=f"test {name}", keep_predictions=True, show_progress=False, tta=val_tta(features))
+
+
+def test_best(run: Run, model: nn.Module, data: RunData, run_dir: Path, tracker: Tracker, after_test) -> int:
     """best.pt on the test folder (with --tta), and with --refit refit.pt after it, whose test is
-    then the run's test_accuracy; test_metrics.json, then the pictures (of the last one tested). run:
-    utils.run.Run (not imported: run.py imports this module)."""
+    then the run's test_accuracy; test_metrics.json, then the pictures (of the last one tested)."""
     state, classes, main = run.state, data.class_names, run.dist.is_main
     tested = [("best.pt", f"best.pt (epoch {state.best_epoch}, val_accuracy {state.best_val_accuracy:.4f})")]
     if run.cfg.refit:
@@ -27,11 +43,11 @@ def test_best(run, model: nn.Module, data: RunData, run_dir: Path, tracker: Trac
     results = {}
     for name, header in tested:
         model.load_state_dict(load_checkpoint(run_dir / name)["model"])
-        test = evaluate(model, data.loaders[2], run.precision, len(classes), desc="test", keep_predictions=True,
-                        show_progress=main, reduce=run.dist.reduce, tta=run.cfg.tta)
+        test = test_of(run, model, data, name)
         if main:
             best = {f"best_pt_{k}": v for k, v in results.items() if k in ("test_loss", "test_accuracy")}
-            results = dict(report_test(test, classes, header), **best)
+            # the per-class table once, for the checkpoint the run reports (the last one tested)
+            results = dict(report_test(test, classes, header, per_class_table=name == tested[-1][0]), **best)
     if not main:
         return EXIT_OK
     results.update(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy, tested=name)
@@ -43,6 +59,7 @@ def test_best(run, model: nn.Module, data: RunData, run_dir: Path, tracker: Trac
                    tracker=tracker, class_names=classes)
     tracker.finish()
     write_state(run_dir, "finished")
+    minutes = (time.perf_counter() - run.started) / 60
     print(f"saved {run_dir}/best.pt, {'refit.pt, ' if run.cfg.refit else ''}last.pt, metrics.csv, curves.png, "
-          "config.json, test_metrics.json")
+          f"config.json, test_metrics.json; the run took {minutes:.1f} min")
     return EXIT_OK

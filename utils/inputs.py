@@ -4,6 +4,7 @@ with augmentation on the device, or streaming (also the fallback when the cache 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from data.loaders import CachedBatches, make_loader
 
 from .config import wants_download
 from .errors import UsageError
+from .recipe import Run
 from .runtime import default_num_workers
 from .runtime import Precision
 
@@ -32,13 +34,14 @@ class RunData:
     # trainB's frozen-backbone features of the train and val images (FeatureBatches), once
     # computed for --probe_epochs: the feature cache reuses them instead of computing them again
     features: tuple | None = None
+    frozen: object | None = None  # utils.features.FrozenFeatures: each split's features, once a run
 
     @property
     def class_names(self) -> list[str]:
         return self.train_set.classes
 
 
-def load_data(run) -> RunData:
+def load_data(run: Run) -> RunData:
     """The three splits (checked against a resumed run's classes) and their loaders."""
     cfg, recipe = run.cfg, run.recipe
     num_workers = default_num_workers(cfg.num_workers)
@@ -47,7 +50,8 @@ def load_data(run) -> RunData:
     data_dir = ensure_dataset(cfg.data_dir, cfg.data_url, wants_download(cfg), cfg.keep_zip)  # locked: one downloads
     common = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
                   decode_size=recipe.sizes.decode)
-    train_set = NatureData(data_dir, "train", recipe.train_transform, train_fraction=cfg.train_fraction, **common)
+    train_set = NatureData(data_dir, "train", recipe.train_transform, train_fraction=cfg.train_fraction,
+                           plain_transform=recipe.eval_transform, **common)
     val_set = NatureData(data_dir, "val", recipe.eval_transform, **common)
     test_set = NatureData(data_dir, "test", recipe.eval_transform, **common)
     classes = train_set.classes
@@ -66,7 +70,7 @@ def load_data(run) -> RunData:
     return RunData(train_set, val_set, test_set, loaders, num_workers)
 
 
-def make_loaders(run, num_workers: int, train_set, val_set, test_set) -> tuple:
+def make_loaders(run: Run, num_workers: int, train_set, val_set, test_set) -> tuple:
     """Cached path: decode once, batches augmented on the device. Streaming: DataLoader workers,
     also the fallback (with a one-line warning) when the cache folder cannot be used."""
     cfg, device, dist = run.cfg, run.precision.device, run.dist
@@ -82,38 +86,58 @@ def make_loaders(run, num_workers: int, train_set, val_set, test_set) -> tuple:
                  for ds in (train_set, val_set, test_set))
 
 
-def cached_loaders(run, train_set, val_set, test_set) -> tuple:
+def cached_loaders(run: Run, train_set, val_set, test_set) -> tuple:
     return tuple(cached_loader(run, name, dataset, dataset is train_set)
                  for name, dataset in (("train", train_set), ("val", val_set), ("test", test_set)))
 
 
-def cached_loader(run, name: str, dataset, train: bool) -> CachedBatches:
+def cached_loader(run: Run, name: str, dataset, train: bool) -> CachedBatches:
+    """A split from the decoded-image cache. Val, test and a train split that is not augmented are
+    decoded at the eval resize (what plain_transform frames); an augmented train split at the
+    larger train resize its random crops take from, with the eval-resize decode of the same files
+    built when an unaugmented pass first asks for it (in_order: a probe's features)."""
     cfg, recipe, precision, sizes = run.cfg, run.recipe, run.precision, run.recipe.sizes
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    split = build_or_load(dataset.samples, sizes.decode, sizes.train_resize if train else sizes.eval_resize,
-                          cfg.image_size, cache_dir, name)
+    augments = train and cfg.data_aug and recipe.augment
+
+    def decoded(resize: int, label: str):
+        return build_or_load(dataset.samples, sizes.decode, resize, cfg.image_size, cache_dir, label)
+
+    split = decoded(sizes.train_resize if augments else sizes.eval_resize, name)
     skipped = int((~split.valid).sum())
     refuse_if_unreadable(name, dataset.root, len(split.valid), len(split.valid) - skipped)
     if skipped:
         run.say(f"{name}: {skipped} unreadable image(s) skipped (named above when the cache was built)")
-    augment = BatchAugment(cfg.image_size, train and cfg.data_aug and recipe.augment, recipe.mean, recipe.std,
-                           AugmentSpec.from_config(cfg), precision.channels_last)
+    plain_split = None
+    if augments and sizes.train_resize != sizes.eval_resize:
+        plain_split = functools.partial(decoded, sizes.eval_resize, f"{name} unaugmented")
+    augment = BatchAugment(cfg.image_size, augments, recipe.mean, recipe.std, AugmentSpec.from_config(cfg),
+                           precision.channels_last)
     return CachedBatches(split, cfg.batch_size, train, augment, precision.device, cfg.seed,
                          on_device=train and keep_on_device(cfg, precision, split), rank=run.dist.rank,
-                         world=run.dist.world)
+                         world=run.dist.world, plain_split=plain_split)
 
 
-def train_and_val(run, data: RunData) -> RunData:
+def train_and_val(run: Run, data: RunData) -> RunData:
     """--refit's data: the train and val images together as the training split, through the same
-    path (cache or streaming) as the run's own; no val; the same test."""
+    path (cache or streaming) as the run's own; no val; the same test. Frozen-backbone features the
+    run computed are reused (its train and val features together); a run whose epochs train on
+    them (freeze_all) then reads no image at all."""
+    from .features import train_and_val_features
+
     both = copy.copy(data.train_set)
     both.samples = data.train_set.samples + data.val_set.samples
-    if isinstance(data.loaders[0], CachedBatches):
+    features = None
+    if data.features is not None:
+        features = (train_and_val_features(data, run.cfg.batch_size, run.cfg.seed), None)
+    if features is not None and run.on_features:
+        train = features[0]
+    elif isinstance(data.loaders[0], CachedBatches):
         train = cached_loader(run, "train", both, True)
     else:
         train = make_loader(both, run.cfg.batch_size, True, run.precision.device, data.num_workers, run.cfg.seed,
                             run.dist.rank, run.dist.world)
-    return RunData(both, None, data.test_set, (train, None, data.loaders[2]), data.num_workers)
+    return RunData(both, None, data.test_set, (train, None, data.loaders[2]), data.num_workers, features=features)
 
 
 def keep_on_device(cfg, precision: Precision, split) -> bool:

@@ -8,21 +8,34 @@ import signal
 import threading
 
 
+SIGCHLD = getattr(signal, "SIGCHLD", None)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (wandb agent early-stopping, a cluster's time limit) saves like Ctrl-C does."""
+    """SIGTERM (wandb agent early-stopping, a cluster's time limit) saves like Ctrl-C does. Once
+    either arrives, DataLoader workers dying of the same signal (Slurm's scancel and docker stop
+    signal the whole process group) are expected: torch's SIGCHLD handler, which would raise a
+    RuntimeError at any later line of the main process, is switched off for the rest of the block."""
     def handler(signum, frame):
+        if SIGCHLD is not None:
+            signal.signal(SIGCHLD, signal.SIG_DFL)
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT stays ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    if SIGCHLD is not None:
+        previous[SIGCHLD] = signal.getsignal(SIGCHLD)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, old in previous.items():
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -14,11 +14,15 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .checkpoint import capture_rng_state, restore_rng_state
 from .errors import EXIT_OK
+from .optim import Optimisation
 from .outputs import write_state
+from .recipe import Run
 from .runtime import Precision
+from .train import step
 
 START_LR, END_LR = 1e-7, 10.0
 SMOOTHING = 0.9  # exponential moving average of the loss (bias-corrected)
@@ -45,8 +49,8 @@ class LRFindResult:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["step", "lr", "loss", "smoothed_loss"])
-            for step, row in enumerate(zip(self.lrs, self.losses, self.smoothed), start=1):
-                writer.writerow([step, *(f"{v:.6g}" for v in row)])
+            for index, row in enumerate(zip(self.lrs, self.losses, self.smoothed), start=1):
+                writer.writerow([index, *(f"{v:.6g}" for v in row)])
 
 
 def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, loader, precision: Precision, loss_fn: nn.Module,
@@ -60,33 +64,23 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, loader, precisio
     base = [group["lr"] for group in optimizer.param_groups]
     top = max(base)
     steps = max(2, min(steps, len(loader)))
-    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
+    opt = Optimisation(optimizer, None, loss_fn, precision.scaler(), mix)
     result = LRFindResult([], [], [])
     average, best = 0.0, math.inf
     model.train()
     try:
-        batches = iter(loader)
-        for step in range(steps):
-            lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
+        batches = precision.batches(loader)
+        for index in tqdm(range(steps), desc="lr_find", leave=False, disable=None, dynamic_ncols=True):
+            lr = start_lr * (end_lr / start_lr) ** (index / (steps - 1))
             for group, group_base in zip(optimizer.param_groups, base):
                 group["lr"] = lr * group_base / top
             batch = next(batches, None)
-            while batch is not None and batch[0] is None:
-                batch = next(batches, None)
             if batch is None:
                 break
-            inputs, targets = precision.to_device(*batch)
-            if mix is not None:
-                inputs, targets = mix(inputs, targets)
-            with precision.autocast():
-                loss = loss_fn(model(inputs).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, _, _ = step(model, batch[1], batch[2], opt, precision)
             value = float(loss.detach())
             average = SMOOTHING * average + (1 - SMOOTHING) * value
-            smoothed = average / (1 - SMOOTHING ** (step + 1))
+            smoothed = average / (1 - SMOOTHING ** (index + 1))
             result.lrs.append(lr)
             result.losses.append(value)
             result.smoothed.append(smoothed)
@@ -122,7 +116,7 @@ def find_learning_rate(cfg, model: nn.Module, opt, loader, precision: Precision,
     return suggestion
 
 
-def run_lr_find(run, model: nn.Module, inputs, opt, steps: int, run_dir: Path, tracker) -> int:
+def run_lr_find(run: Run, model: nn.Module, inputs, opt, steps: int, run_dir: Path, tracker) -> int:
     """--lr_find on rank 0 (the others wait): the unwrapped module, no DDP collectives."""
     if run.dist.is_main:
         module = inputs.module if run.on_features else model

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from .errors import UsageError
@@ -18,6 +19,41 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def environment(device) -> dict:
+    """What a run's numbers also depend on, for config.json: the command line, the git commit of
+    this code (where it is a git checkout), the package versions and the device."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = commit and bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                               capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    if device.type == "cuda":
+        import torch
+
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        from .runtime import cpu_description
+
+        device_name = cpu_description() if device.type == "cpu" else device.type
+    return {"command": [Path(sys.argv[0]).name, *sys.argv[1:]], "git_commit": commit, "git_dirty": dirty,
+            "python": platform.python_version(),
+            "packages": {name: version(name) for name in ("torch", "torchvision", "timm", "numpy", "pillow", "wandb")},
+            "device": f"{device} ({device_name})"}
 
 
 def write_state(run_dir: Path, state: str, **details) -> None:

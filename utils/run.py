@@ -10,21 +10,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from data import IMAGENET_MEAN, IMAGENET_STD, Sizes
 from data.augment import build_mix
 from data.loaders import CachedBatches
 
 from . import distributed
 from .checkpoint import (CheckpointWriteError, CheckpointWriter, FitState, check_script, load_checkpoint,
                          restore_training_state)
-from .distributed import DistInfo
 from .ema import WeightEMA
 from .errors import EXIT_DIVERGED, EXIT_INTERRUPTED
 from .features import feature_inputs
@@ -33,54 +31,11 @@ from .inputs import RunData, load_data, train_and_val
 from .interrupts import sigterm_as_interrupt
 from .lr_find import run_lr_find
 from .optim import Optimisation, build_optimizer, build_scheduler
-from .outputs import create_run_dir, own_run_dir, release_run_dirs, write_json, write_state
-from .runtime import Precision, make_precision, prepare_model, seed_everything
+from .outputs import create_run_dir, environment, own_run_dir, release_run_dirs, write_json, write_state
+from .runtime import make_precision, prepare_model, seed_everything
 from .tracking import Tracker
+from .recipe import ModelRecipe, Run
 from .train import DataWorkersDied, FitInputs, NonFiniteLoss, TrainingInterrupted, fit, is_worker_death, refit
-
-
-@dataclass
-class ModelRecipe:
-    """What a script contributes: everything else is shared."""
-    script: str  # "trainA" / "trainB": recorded in checkpoints, checked when loading them
-    build_model: Callable[[int], nn.Module]  # num_classes -> model (weights loaded)
-    param_groups: Callable[[nn.Module], list[dict]]  # model -> optimizer groups (each with its lr)
-    train_transform: Callable
-    eval_transform: Callable
-    sizes: Sizes  # decode, eval resize and crop (the transforms above are built from them)
-    augment: bool = True  # train-time augmentation (with --data_aug); off where features are cached
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    before_epoch: Callable[[nn.Module, int], None] | None = None  # (model, epoch), e.g. gradual's unfreezing
-    find_unused_parameters: bool = False  # under DDP: some parameters get no gradient in some epochs
-    # With a frozen backbone: model -> (features(images), head). fit() then trains only the
-    # head on features computed once; checkpoints still hold the whole model.
-    feature_cache: Callable[[nn.Module], tuple[Callable, nn.Module]] | None = None
-    # Data-dependent initialisation of a fresh model on its device (trainA's --whiten, trainB's
-    # --probe_epochs): (model, data, precision) -> what it did, in a few words. Not called on
-    # --resume, whose weights come from last.pt.
-    init_from_data: Callable[[nn.Module, RunData, Precision], str] | None = None
-
-
-@dataclass
-class Run:
-    """One process's view of the run being set up."""
-    cfg: object
-    recipe: ModelRecipe
-    dist: DistInfo
-    precision: Precision
-    checkpoint: dict | None
-    state: FitState | None = None  # set by train()
-
-    @property
-    def on_features(self) -> bool:
-        """The epochs train the head on cached features (the recipe's feature_cache; under torchrun
-        every step runs the frozen backbone instead)."""
-        return self.recipe.feature_cache is not None and not self.dist.enabled
-
-    def say(self, *args, **kwargs) -> None:
-        if self.dist.is_main:
-            print(*args, **kwargs)
 
 
 def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callable[[nn.Module], str] | None = None,
@@ -107,7 +62,7 @@ def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callab
 def _live(run: Run, run_name: str, summary_text, resume: str, after_test, lr_find_steps: int) -> int:
     data = load_data(run)
     # Build (and download) the model before creating the run directory, so a failure leaves nothing.
-    model = prepare_model(run.recipe.build_model(len(data.class_names)), run.precision)
+    model = prepare_model(run.recipe.new_model(len(data.class_names)), run.precision)
     if run.recipe.init_from_data is not None and run.checkpoint is None:
         run.say(run.recipe.init_from_data(model, data, run.precision))
     run_dir = open_run_dir(run, run_name, resume)
@@ -127,7 +82,8 @@ def _in_run_dir(run: Run, run_dir: Path, model: nn.Module, data: RunData, run_na
     opt, state, trained = set_up_training(run, model, data, run_dir)
     config = asdict(cfg)
     if main:
-        write_json(run_dir / "config.json", dict(config, script=run.recipe.script, class_names=data.class_names))
+        write_json(run_dir / "config.json", dict(config, script=run.recipe.script, class_names=data.class_names,
+                                                 environment=environment(run.precision.device)))
         write_state(run_dir, "running")
     tracker = Tracker(run_dir, config, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_entity, run_name,
                       resume_id=run.checkpoint.get("wandb_run_id", "") if run.checkpoint else "",
@@ -139,7 +95,7 @@ def _in_run_dir(run: Run, run_dir: Path, model: nn.Module, data: RunData, run_na
     if lr_find_steps:
         return run_lr_find(run, model, inputs, opt, lr_find_steps, run_dir, tracker)
     code = train(run, model, inputs, opt, state, run_dir, meta, tracker)
-    if code is None and cfg.refit:
+    if code is None and cfg.refit and not refit_done(run, run_dir):
         code = refit_on_train_and_val(run, data, run_dir, meta, tracker)
     if code is not None:
         return code
@@ -167,13 +123,13 @@ def set_up_training(run: Run, model: nn.Module, data: RunData, run_dir: Path):
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs * steps_per_epoch,
                                 round(cfg.warmup_epochs * steps_per_epoch))
     opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                       torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16),
+                       precision.scaler(),
                        mix=build_mix(cfg.mixup_alpha, cfg.cutmix_alpha, len(data.class_names)),
-                       before_epoch=functools.partial(recipe.before_epoch, model) if recipe.before_epoch else None)
+                       before_epoch=functools.partial(recipe.at_epoch_start, model) if recipe.at_epoch_start else None)
     if cfg.ema_decay > 0:
         # With cached features, validation batches are features: they go through the head only.
         opt.ema = WeightEMA(model, cfg.ema_decay,
-                            (lambda m: recipe.feature_cache(m)[1]) if run.on_features else (lambda m: m))
+                            (lambda m: recipe.split_features(m)[1]) if run.on_features else (lambda m: m))
     state = None
     if run.checkpoint is not None:
         state = restore_training_state(run.checkpoint, model, optimizer, scheduler, opt.scaler, opt.ema,
@@ -201,7 +157,7 @@ def fit_inputs(run: Run, model: nn.Module, trained: nn.Module, data: RunData) ->
     train_loader, val_loader, _ = data.loaders
     if not run.on_features:
         return FitInputs(trained, train_loader, val_loader, run.precision, run.cfg.tta, len(data.class_names))
-    return feature_inputs(run.recipe.feature_cache, model, data, run.precision, run.cfg, run.say)
+    return feature_inputs(run.recipe.split_features, model, data, run.precision, run.cfg, run.say)
 
 
 def train(run: Run, model: nn.Module, inputs: FitInputs, opt: Optimisation, state: FitState | None, run_dir: Path,
@@ -247,7 +203,7 @@ def refit_on_train_and_val(run: Run, data: RunData, run_dir: Path, meta: dict, t
     run.say(f"refit: a fresh model on the {len(both.train_set)} train and val images for {epochs} "
             f"epoch{'s' * (epochs != 1)} (best.pt's)")
     seed_everything(run.cfg.seed + run.dist.rank)
-    model = prepare_model(run.recipe.build_model(len(data.class_names)), run.precision)
+    model = prepare_model(run.recipe.new_model(len(data.class_names)), run.precision)
     if run.recipe.init_from_data is not None:
         run.say(run.recipe.init_from_data(model, both, run.precision))
     fresh = replace(run, checkpoint=None)
@@ -271,6 +227,13 @@ def refit_on_train_and_val(run: Run, data: RunData, run_dir: Path, meta: dict, t
     return EXIT_DIVERGED
 
 
+def refit_done(run: Run, run_dir: Path) -> bool:
+    """A resumed run that trained no epoch and already has its refit.pt (interrupted in the test
+    after the refit) tests it rather than refitting again."""
+    return (run.checkpoint is not None and run.state.epoch <= int(run.checkpoint.get("epoch", 0))
+            and (run_dir / "refit.pt").is_file())
+
+
 def interrupted_between_steps(run: Run, run_dir: Path) -> int:
     """Ctrl-C outside the epochs (setting up, the final test, the pictures, or a second Ctrl-C
     while last.pt was written): say what is kept, and leave state.json saying so."""
@@ -278,8 +241,8 @@ def interrupted_between_steps(run: Run, run_dir: Path) -> int:
         script = run.recipe.script
         kept = [name for name in ("best.pt", "last.pt", "test_metrics.json") if (run_dir / name).is_file()]
         if "last.pt" in kept:
-            how = (f"{', '.join(kept)} kept in {run_dir}; test it with: python {script}.py --test_only --checkpoint "
-                   f"{run_dir / 'best.pt'}, or continue with --resume {run_dir / 'last.pt'}")
+            how = (f"{', '.join(kept)} kept in {run_dir}; finish the run (what is left of it: epochs, refit, test) "
+                   f"with: python {script}.py --resume {run_dir / 'last.pt'}")
         else:
             how = f"no epoch had finished, so nothing was kept in {run_dir}"
         print(f"\n{script}.py: interrupted; {how}", file=sys.stderr)

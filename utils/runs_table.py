@@ -4,7 +4,7 @@
     python -m utils.runs_table runs/a runs/b     # these runs (or folders of runs)
     python -m utils.runs_table --csv table.csv   # the same table as CSV
 
-Columns: name, script, state (finished / interrupted / running / failed), epochs done (epochs_done), best
+Columns: name, script, state (finished / interrupted / running / failed / lr_find), epochs done (epochs_done), best
 val_accuracy and its epoch, test_accuracy, mean train img/s, then the config keys whose values
 differ between the listed runs. Sorted by best val_accuracy. A broken or partial run directory
 is listed with what could be read, never a traceback.
@@ -71,7 +71,7 @@ def run_state(run_dir: Path) -> str:
         return "finished"
     if _is_locked(run_dir):
         return "running"
-    if saved in ("interrupted", "failed"):
+    if saved in ("interrupted", "failed", "lr_find"):  # lr_find: a learning-rate finder's run, nothing to test
         return saved
     return "failed"  # started (or crashed) without a clean ending
 

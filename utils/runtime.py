@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import random
 
 from dataclasses import dataclass
@@ -33,6 +34,18 @@ class Precision:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         images = images.to(self.device, non_blocking=True, memory_format=memory_format)
         return images, labels.to(self.device, non_blocking=True)
+
+    def batches(self, loader):
+        """The batch prologue of every loop over a loader: (position from 1, inputs, targets) on
+        the device, a batch whose files were all unreadable (None) skipped."""
+        for position, batch in enumerate(loader, start=1):
+            if batch is not None:
+                yield (position, *self.to_device(*batch))
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """The one place a GradScaler is made: it scales the loss for fp16 only (bf16 and fp32
+        have fp32's range)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,6 +81,24 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_description() -> str:
+    """The CPU's model name, core count and bf16 units, for benchmark headers: speed figures only
+    mean something beside the CPU they came from."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    units = [unit for unit, flag in (("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16")) if f" {flag}" in flags]
+    bf16 = f"bf16 units: {', '.join(units)}" if units else "no bf16 units (fp32)"
+    return f"{name}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores, {bf16}"
 
 
 def cuda_has_native_bf16(device: torch.device) -> bool:

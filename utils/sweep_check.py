@@ -72,7 +72,7 @@ def check_argv(script, argv: list[str]) -> str:
         cfg = script.config_from_args(args)
         script.check_config(cfg)
         with torch.device("meta"):  # shapes only: no memory, no arithmetic
-            script.build_model(cfg)
+            script.model_structure(cfg)
     except USER_ERRORS as error:
         return str(error)
     return ""

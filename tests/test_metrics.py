@@ -1,0 +1,64 @@
+"""What a test reports: top-1, top-5 and balanced (mean per-class) accuracy, counted on the
+device in one pass; the per-class table printed once."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from utils.evaluation import evaluate
+from utils.runtime import Precision
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits it is given (the 'images' are logits already)."""
+
+    def forward(self, x):
+        return x
+
+
+def test_top5_and_balanced_accuracy_are_what_they_say():
+    torch.manual_seed(0)
+    logits = torch.randn(40, 8)
+    labels = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(1, 8, (10,))])  # class 0 dominates
+    loader = [(logits[i:i + 16], labels[i:i + 16]) for i in range(0, 40, 16)]
+    stats = evaluate(FixedLogits(), loader, Precision(torch.device("cpu")), 8, show_progress=False)
+    top5 = (logits.topk(5, 1).indices == labels[:, None]).any(1).float().mean().item()
+    assert abs(stats.top5_accuracy - top5) < 1e-6
+    predicted = logits.argmax(1)
+    per_class = [(predicted[labels == c] == c).float().mean().item() for c in labels.unique()]
+    assert abs(stats.balanced_accuracy - sum(per_class) / len(per_class)) < 1e-6
+    assert abs(stats.accuracy - (predicted == labels).float().mean().item()) < 1e-6
+    # three classes: top-5 is every class, so 1
+    three = evaluate(FixedLogits(), [(logits[:, :3], labels.clamp(max=2))], Precision(torch.device("cpu")), 3,
+                     show_progress=False)
+    assert three.top5_accuracy == 1.0
+
+
+def test_test_metrics_json_and_the_console_give_top5_and_balanced_once(tiny_data, tmp_path, capsys):
+    import trainA
+    from conftest import TINY_ARGS, only_dir
+
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS,
+                        "--refit", "true"]) == 0
+    metrics = json.loads((only_dir(tmp_path / "runs") / "test_metrics.json").read_text())
+    assert 0 <= metrics["test_balanced_accuracy"] <= 1 and metrics["test_top5_accuracy"] == 1.0  # 3 classes
+    out = capsys.readouterr().out
+    assert out.count(" top5 ") == 2  # best.pt's line and refit.pt's
+    assert out.count("  amphibia ") == 1  # the per-class table once, for refit.pt
+
+
+def test_config_json_records_the_command_commit_packages_and_device(tiny_data, tmp_path, capsys):
+    import trainA
+    from conftest import TINY_ARGS, only_dir
+
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS]) == 0
+    config = json.loads((only_dir(tmp_path / "runs") / "config.json").read_text())
+    env = config["environment"]
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"] == torch.__version__
+    assert env["device"].startswith("cpu (") and isinstance(env["command"], list)
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40
+    assert config["epochs"] == 1  # the settings themselves stay where they were
+    assert "the run took" in capsys.readouterr().out
