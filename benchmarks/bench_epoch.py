@@ -39,7 +39,7 @@ from data.loaders import CachedBatches  # noqa: E402
 from models import build_cnn  # noqa: E402
 from data.loaders import make_loader  # noqa: E402
 from utils.runtime import autocast_dtype, default_num_workers, resolve_device, use_channels_last  # noqa: E402
-from utils.runtime import Precision  # noqa: E402
+from utils.runtime import Precision, cpu_description  # noqa: E402
 from utils.optim import Optimisation  # noqa: E402
 from utils.train import train_one_epoch  # noqa: E402
 
@@ -85,8 +85,7 @@ def timed_epoch(name: str, loader, precision: Precision, args, classes: int) -> 
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
-    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(), scaler)
+    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(), precision.scaler())
     warm = PremadeBatches(2, args.batch_size, args.image_size, precision, classes)  # oneDNN/cuDNN warm-up
     train_one_epoch(model, warm, opt, precision, 0, show_progress=False)
     for epoch in range(1, args.epochs):  # untimed: first-epoch effects (page cache, allocator, autotuning)
@@ -150,6 +149,7 @@ def main() -> None:
     print(f"{args.model} model, {len(train)} train images, {classes} classes, {args.image_size}px, batch {args.batch_size}, "
           f"device {device}, ours: {ours.autocast_dtype or 'fp32'}{' channels_last' if ours.channels_last else ''}, "
           f"{workers} workers, torch {torch.__version__}")
+    print(f"CPU: {cpu_description()}")  # speed figures mean something only beside the CPU they came from
 
     cache_dir = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     try:

@@ -44,8 +44,7 @@ def epoch(model, loader, precision: Precision) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.autocast_dtype == torch.float16)
-    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(), scaler)
+    opt = Optimisation(optimizer, scheduler, nn.CrossEntropyLoss(), precision.scaler())
     return train_one_epoch(model, loader, opt, precision, 1, show_progress=False).seconds
 
 

@@ -172,7 +172,8 @@ def test_pictures_and_tables_stay_bounded_at_a_thousand_classes(tmp_path, capsys
     picture = confusion_matrix_picture(matrix, names, tmp_path / "cm.png")
     assert max(picture.size) < 2000, picture.size
     accuracy = np.diag(matrix) / matrix.sum(1)
-    stats = SimpleNamespace(loss=1.0, accuracy=0.7, images=20_000, per_class_accuracy=lambda: accuracy.tolist())
+    stats = SimpleNamespace(loss=1.0, accuracy=0.7, images=20_000, per_class_accuracy=lambda: accuracy.tolist(),
+                            top5_accuracy=0.9, balanced_accuracy=float(accuracy.mean()))
     results = report_test(stats, names, "best.pt")
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) <= MAX_CLASSES_SHOWN + 2 and len(results["test_per_class_accuracy"]) == 1000
