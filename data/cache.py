@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from filelock import FileLock
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from .decode import UNREADABLE, load_rgb
 from .folder import Sample
+from .progress import progress
 
 CACHE_VERSION = 1
 
@@ -180,7 +180,7 @@ def _build(samples, load_size, size, final, array_path: Path, meta_path: Path, n
         # Threads, not processes: Pillow and torch release the GIL while decoding and resizing,
         # and forking a process that already runs threads (torch, wandb) can deadlock.
         workers = workers or min(usable_cpus(), 32)
-        with tqdm(total=len(samples), desc=f"decoding {name} once ({size}x{size})", unit="img", disable=None) as bar, \
+        with progress(desc=f"decoding {name} once ({size}x{size})", total=len(samples), unit="img") as bar, \
                 ThreadPoolExecutor(workers) as pool:
             for index, error in pool.map(decode, range(len(samples))):
                 _record(index, error, samples, valid, bar)

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from data.progress import batch_size_of, progress
 
 from .interrupts import start_iterating
 from .runtime import Precision
@@ -65,8 +65,8 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int, d
     class_total = torch.zeros(num_classes, device=device, dtype=torch.long)
     top5_correct = torch.zeros((), device=device, dtype=torch.long)
     predictions, targets_all = [], []
-    for _, inputs, targets in precision.batches(tqdm(start_iterating(loader), desc=desc, total=len(loader), leave=False,
-                                                      disable=None if show_progress else True, dynamic_ncols=True)):
+    batches = progress(start_iterating(loader), desc, len(loader), per_item=batch_size_of(loader), show=show_progress)
+    for _, inputs, targets in precision.batches(batches):
         with precision.autocast():
             logits = predict_logits(model, inputs, tta)
         loss_sum += nn.functional.cross_entropy(logits.float(), targets, reduction="sum").to(loss_sum.dtype)

@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from data.loaders import FeatureBatches, in_order
+from data.progress import batch_size_of, progress
 
 from .evaluation import evaluate
 from .feature_store import FeatureStore, backbone_digest, split_key, store_dir
@@ -26,8 +26,7 @@ def compute_features(extract: Callable, loader, precision: Precision, mirror: bo
     """Run every image of loader through extract once: (features as fp32, labels), on the device.
     With mirror, the features are (images, 2, dim): each image's and its mirror image's."""
     features, labels = [], []
-    for _, images, targets in precision.batches(tqdm(loader, desc=desc, total=len(loader), leave=False, disable=None,
-                                                      dynamic_ncols=True)):
+    for _, images, targets in precision.batches(progress(loader, desc, len(loader), per_item=batch_size_of(loader))):
         with precision.autocast():
             batch_features = extract(images).float()
             if mirror:

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
+
+from data.progress import batch_size_of, progress
 
 from .checkpoint import capture_rng_state, restore_rng_state
 from .errors import EXIT_OK
@@ -70,7 +71,7 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, loader, precisio
     model.train()
     try:
         batches = precision.batches(loader)
-        for index in tqdm(range(steps), desc="lr_find", leave=False, disable=None, dynamic_ncols=True):
+        for index in progress(range(steps), "lr_find", steps, unit="step", per_item=batch_size_of(loader)):
             lr = start_lr * (end_lr / start_lr) ** (index / (steps - 1))
             for group, group_base in zip(optimizer.param_groups, base):
                 group["lr"] = lr * group_base / top

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data.progress import batch_size_of, progress
+
 from .checkpoint import CheckpointWriter, FitState
 from .distributed import DistInfo
 from .evaluation import evaluate
@@ -239,8 +241,8 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimisation, precision: Prec
     DistInfo.reduce under torchrun."""
     model.train()
     meter = EpochMeter(precision.device, epoch, len(loader), reduce)
-    bar = tqdm(start_iterating(loader), desc=f"epoch {epoch} train", total=len(loader), leave=False,
-               disable=None if show_progress else True, dynamic_ncols=True)
+    bar = progress(start_iterating(loader), f"epoch {epoch} train", len(loader), per_item=batch_size_of(loader),
+                   show=show_progress)
     for position, inputs, targets in precision.batches(bar):
         loss, logits, targets = step(model, inputs, targets, opt, precision)
         opt.scheduler.step()
