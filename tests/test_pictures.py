@@ -133,3 +133,26 @@ def test_predict_unreadable_file_is_one_line(tiny_data, tmp_path):
     assert_one_line_error(result, "cannot read image", str(bad))
     missing = run_main("trainA.py", "--predict", str(tmp_path / "nope.jpg"), "--checkpoint", str(run_dir / "best.pt"))
     assert_one_line_error(missing, "does not exist")
+
+
+def test_the_prediction_grid_of_fifty_classes_is_a_readable_picture(tmp_path):
+    """50 classes (birds50's count) were a 408 x 4,926 px strip with labels running into the next
+    tile; now several classes share a row and every caption is cut to its tile."""
+    from PIL import ImageDraw
+
+    from conftest import write_image
+    from utils.pictures import MAX_CLASSES_SHOWN, fit_text, font, prediction_grid
+
+    names = [f"Black_footed_Albatross_{i:02d}" for i in range(50)]
+    for i, name in enumerate(names):
+        write_image(tmp_path / "data" / "train" / name / "a.jpg", (i * 5, 90, 200), (40, 36), seed=i)
+        write_image(tmp_path / "data" / "test" / name / "a.jpg", (i * 5, 90, 200), (40, 36), seed=100 + i)
+    dataset = NatureData(tmp_path / "data", "test", build_eval_transform(32), image_size=32)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 50))
+    predictions = prediction_grid(model, dataset, torch.device("cpu"), tmp_path / "grid.png", per_class=1)
+    assert len(predictions) == MAX_CLASSES_SHOWN
+    picture = Image.open(tmp_path / "grid.png")
+    assert max(picture.size) < 2000 and min(picture.size) > 300, picture.size
+    draw, small = ImageDraw.Draw(picture), font(11)
+    caption = fit_text(draw, "pred: " + names[7], 128, small, "  97%")
+    assert draw.textlength(caption, font=small) <= 128 and caption.endswith("_07  97%") and "\u2026" in caption

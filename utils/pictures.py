@@ -82,26 +82,46 @@ def choose_per_class(dataset, per_class: int, seed: int) -> list[int]:
     return chosen
 
 
+def fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, text_font, keep: str = "") -> str:
+    """text, cut in the middle with an ellipsis so that text + keep fits width pixels: both ends of
+    a long species name stay (Black_foot...Albatross); keep, say a confidence, is never cut."""
+    if draw.textlength(text + keep, font=text_font) <= width:
+        return text + keep
+    head, tail = text[:len(text) // 2], text[len(text) // 2:]
+    while (head or tail) and draw.textlength(head + "\u2026" + tail + keep, font=text_font) > width:
+        if len(head) >= len(tail):
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+    return head + "\u2026" + tail + keep
+
+
 def prediction_grid(model: nn.Module, dataset, device: torch.device, path: Path, per_class: int = 3,
                     seed: int = 0, tile: int = 128) -> list[Prediction]:
-    """One row per class, per_class test images each, captioned true / predicted (confidence);
-    a red frame marks a wrong prediction, a green one a right one."""
+    """per_class test images of each class (of at most MAX_CLASSES_SHOWN), captioned true /
+    predicted (confidence), each caption cut to its tile; a red frame marks a wrong prediction, a
+    green one a right one. Up to 10 classes a row each; beyond, several classes share a row (12
+    images), so that 50 classes stay a picture of about 1,600 x 1,300 pixels, not a strip."""
     predictions = predict_indices(model, dataset, choose_per_class(dataset, per_class, seed), device)
-    row_of = {label: row for row, label in enumerate(sorted({p.true_label for p in predictions}))}
-    caption, pad, rows = 30, 6, max(len(row_of), 1)
-    canvas = Image.new("RGB", (per_class * (tile + pad) + pad, rows * (tile + caption + pad) + pad), WHITE)
+    order = {label: i for i, label in enumerate(sorted({p.true_label for p in predictions}))}
+    per_row = 1 if len(order) <= 10 else max(1, 12 // per_class)  # classes a row
+    caption, pad = 30, 6
+    rows = max(-(-len(order) // per_row), 1)
+    canvas = Image.new("RGB", (per_row * per_class * (tile + pad) + pad, rows * (tile + caption + pad) + pad), WHITE)
     draw, small = ImageDraw.Draw(canvas), font(11)
     slots: dict[int, int] = {}
     for p in predictions:
         column = slots.setdefault(p.true_label, 0)
         slots[p.true_label] += 1
-        x, y = pad + column * (tile + pad), pad + row_of[p.true_label] * (tile + caption + pad)
+        row, block = divmod(order[p.true_label], per_row)
+        x, y = pad + (block * per_class + column) * (tile + pad), pad + row * (tile + caption + pad)
         canvas.paste(center_square(load_rgb(dataset.samples[p.index].path, tile), tile), (x, y))
         colour = GREEN if p.predicted == p.true_label else RED
         draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], outline=colour, width=3)
-        draw.text((x, y + tile + 3), f"true: {dataset.classes[p.true_label]}"[:24], fill=BLACK, font=small)
-        draw.text((x, y + tile + 15), f"pred: {dataset.classes[p.predicted]} {p.confidence:.0%}"[:24], fill=colour,
+        draw.text((x, y + tile + 3), fit_text(draw, f"true: {dataset.classes[p.true_label]}", tile, small), fill=BLACK,
                   font=small)
+        draw.text((x, y + tile + 15), fit_text(draw, f"pred: {dataset.classes[p.predicted]}", tile, small,
+                                               f"  {p.confidence:.0%}"), fill=colour, font=small)
     canvas.save(path)
     return predictions
 
