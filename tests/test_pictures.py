@@ -156,3 +156,25 @@ def test_the_prediction_grid_of_fifty_classes_is_a_readable_picture(tmp_path):
     draw, small = ImageDraw.Draw(picture), font(11)
     caption = fit_text(draw, "pred: " + names[7], 128, small, "  97%")
     assert draw.textlength(caption, font=small) <= 128 and caption.endswith("_07  97%") and "\u2026" in caption
+
+
+@pytest.mark.parametrize("classes", [50, 200])
+def test_the_confusion_matrix_is_whole_up_to_sixty_classes_and_says_what_it_leaves_out(tmp_path, classes):
+    """50 classes: every class, every mistake (was: the 30 weakest, a row summing to 29 of 30 with
+    no word). 200: the 30 weakest and an 'other' column, so every row still sums to its images."""
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, classes, 40 * classes)
+    predictions = np.where(rng.random(len(targets)) < 0.8, targets, rng.integers(0, classes, len(targets)))
+    matrix = pictures.confusion_counts(targets.tolist(), predictions.tolist(), classes)
+    names = [f"Black_footed_Albatross_{i:03d}" for i in range(classes)]
+    image = pictures.confusion_matrix_picture(matrix, names, tmp_path / "cm.png")
+    assert max(image.size) < 2000, image.size
+    shown, other = pictures.shown_in_matrix(matrix)
+    if classes <= 60:
+        assert shown == list(range(classes)) and other is None
+    else:
+        assert len(shown) == pictures.MAX_CLASSES_SHOWN and other is not None
+        assert (matrix[np.ix_(shown, shown)].sum(1) + other == matrix[shown].sum(1)).all()  # rows sum to their images
+    pairs = pictures.most_confused(matrix, names, 5)
+    assert len(pairs) == 5 and pairs[0][2] == max(matrix[i, j] for i in range(classes) for j in range(classes) if i != j)
+    assert pairs[0][2] >= pairs[-1][2] and all(true != predicted for true, predicted, _ in pairs)

@@ -14,6 +14,7 @@ from .evaluation import evaluate
 from .features import test_features, val_tta
 from .inputs import RunData
 from .outputs import write_json, write_state
+from .pictures import confusion_counts, most_confused
 from .recipe import Run
 from .runtime import Precision
 from .tracking import Tracker
@@ -50,7 +51,9 @@ def test_best(run: Run, model: nn.Module, data: RunData, run_dir: Path, tracker:
             results = dict(report_test(test, classes, header, per_class_table=name == tested[-1][0]), **best)
     if not main:
         return EXIT_OK
-    results.update(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy, tested=name)
+    results.update(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy, tested=name,
+                   test_most_confused=most_confused(confusion_counts(test.targets, test.predictions, len(classes)),
+                                                    classes))
     write_json(run_dir / "test_metrics.json", results)
     tracker.log_summary({k: v for k, v in results.items() if not isinstance(v, dict)})
     tracker.log_summary({f"test_accuracy/{k}": v for k, v in results["test_per_class_accuracy"].items()})
