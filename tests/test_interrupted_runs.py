@@ -1,6 +1,6 @@
-"""How a run ends when something stops it late: a disk that fills inside torch.save, SIGTERM to
-the whole process group while loader workers run, and a Ctrl-C in the final test, which a
---resume then finishes."""
+"""How a run ends when something stops it: Ctrl-C or SIGTERM inside an epoch (and the exact
+resume), to the whole process group while loader workers run, in the final test (which a --resume
+then finishes), while last.pt is written; a disk that fills; loader workers that die."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import trainA
 import utils.finish
-from conftest import ROOT, TINY_ARGS, interactive_signals, make_dataset, only_dir, run_main, state_of
+from conftest import (ROOT, TINY_ARGS, assert_one_line_error, epoch_of, interactive_signals, make_dataset, only_dir,
+                      run_main, state_of)
 from utils.errors import EXIT_INTERRUPTED
 
 
@@ -213,3 +215,123 @@ def test_ctrl_c_inside_an_epoch_then_resume_gives_the_uninterrupted_run(tiny_dat
     assert [[r[k] for k in KEYS] for r in resumed] == [[r[k] for k in KEYS] for r in whole]
     assert json.loads((run_dir / "test_metrics.json").read_text())["test_accuracy"] == json.loads(
         (only_dir(tmp_path / "whole") / "test_metrics.json").read_text())["test_accuracy"]
+
+
+def test_ctrl_c_during_the_final_test_says_what_is_kept(tiny_data, tmp_path, monkeypatch):
+    import utils.finish
+
+    real = utils.finish.evaluate
+
+    def interrupted(*args, **kwargs):
+        if str(kwargs.get("desc")).startswith("test"):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.finish, "evaluate", interrupted)
+    out = tmp_path / "runs"
+    result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS)
+    assert result.returncode == 130
+    run_dir = only_dir(out)
+    assert "nothing to keep" not in result.stderr and "best.pt, last.pt kept in" in result.stderr
+    assert state_of(run_dir)["state"] == "interrupted"
+
+
+def test_a_second_ctrl_c_while_last_pt_is_written_still_saves_it(tiny_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import torch
+
+    import utils.checkpoint
+    from conftest import interrupted_in_epoch
+
+    real = utils.checkpoint.atomic_torch_save
+
+    def impatient(payload, path):
+        if payload.get("interrupted"):
+            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again
+        real(payload, path)
+
+    monkeypatch.setattr(utils.checkpoint, "atomic_torch_save", impatient)
+    out = tmp_path / "runs"
+    with interrupted_in_epoch(monkeypatch, 2):
+        result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(out), *TINY_ARGS)
+    assert result.returncode == 130 and "interrupted during epoch 2; saved" in result.stderr, result.stderr
+    run_dir = only_dir(out)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["interrupted"] is True
+    assert state_of(run_dir)["state"] == "interrupted"
+
+
+def test_a_full_disk_while_last_pt_is_written_is_one_line_and_keeps_the_older_checkpoints(tiny_data, tmp_path,
+                                                                                          monkeypatch):
+    import errno
+
+    import torch
+
+    import utils.checkpoint
+
+    real, writes = utils.checkpoint.atomic_torch_save, []
+
+    def full_disk(payload, path):
+        writes.append(Path(path).name)
+        if payload["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(payload, path)
+
+    monkeypatch.setattr(utils.checkpoint, "atomic_torch_save", full_disk)
+    out = tmp_path / "runs"
+    result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(out), *TINY_ARGS,
+                      "--patience", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "free space" in lines[0]
+    run_dir = only_dir(out)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert state_of(run_dir)["state"] == "failed"
+
+
+def test_data_workers_that_die_mid_run_save_last_pt_and_name_the_fix(tiny_data, tmp_path, monkeypatch):
+    import torch
+
+    import utils.train
+
+    real = utils.train.train_one_epoch
+
+    def bus_error(*args, **kwargs):
+        if epoch_of(args, kwargs) == 2:
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that "
+                               "dataloader's workers are out of shared memory. Please try to raise your shared "
+                               "memory limit.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.train, "train_one_epoch", bus_error)
+    out = tmp_path / "runs"
+    result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "3", "--output_dir", str(out), *TINY_ARGS)
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert "out of shared memory" in result.stderr and "--num_workers 0" in result.stderr and "--shm-size" in result.stderr
+    run_dir = only_dir(out)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert state_of(run_dir)["state"] == "interrupted"
+
+
+@pytest.mark.parametrize("layout", ["zip", "download"])
+def test_a_read_only_place_for_the_lock_is_one_line_naming_the_folder(tmp_path, monkeypatch, layout):
+    import errno
+    import shutil
+
+    import filelock
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(filelock.BaseFileLock, "acquire", read_only)
+    if layout == "zip":
+        data = make_dataset(tmp_path / "share" / "nature")
+        target = Path(shutil.make_archive(str(tmp_path / "share" / "nature"), "zip", data))
+        shutil.rmtree(data)
+        needle = "unzip"
+    else:
+        target, needle = tmp_path / "share" / "nature_12K", "pass a --data_dir in a folder you can write to"
+    result = run_main("trainA.py", "--data_dir", str(target), "--download", "true", "--data_url",
+                      "http://127.0.0.1:9/none.zip", *TINY_ARGS)
+    assert_one_line_error(result, f"cannot write in '{tmp_path / 'share'}' (Read-only file system)", needle)

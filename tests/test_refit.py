@@ -14,7 +14,7 @@ import torch
 import trainA
 import trainB
 import utils.train
-from conftest import TINY_ARGS, assert_one_line, assert_one_line_error, only_dir, read_metrics, run_main
+from conftest import TINY_ARGS, assert_one_line, assert_one_line_error, only_dir, read_metrics, run_main, state_of
 from utils.errors import EXIT_DIVERGED, EXIT_INTERRUPTED
 
 pytest.importorskip("timm")
@@ -84,7 +84,7 @@ def test_refit_trains_a_fresh_model_on_train_and_val_for_best_pt_epochs_on_the_s
     refit, best = (torch.load(run_dir / name, weights_only=True) for name in ("refit.pt", "best.pt"))
     assert refit["refit_epochs"] == 2 and refit["config"]["refit"] is True
     assert any(not torch.equal(refit["model"][k], best["model"][k]) for k in best["model"])
-    assert json.loads((run_dir / "state.json").read_text())["state"] == "finished"
+    assert state_of(run_dir)["state"] == "finished"
     # refit.pt is a checkpoint like best.pt: --test_only reproduces the run's test of it.
     assert trainB.main(["--test_only", "--checkpoint", str(run_dir / "refit.pt"), "--num_workers", "0"]) == 0
     assert f"test_accuracy {results['test_accuracy']:.4f}" in capsys.readouterr().out
@@ -111,7 +111,7 @@ def test_ctrl_c_in_the_refit_keeps_the_run_and_resume_runs_only_the_refit(tiny_d
     err = capsys.readouterr().err
     assert "best.pt, last.pt kept" in err and f"--resume {run_dir / 'last.pt'}" in err
     assert not (run_dir / "refit.pt").exists() and not (run_dir / "test_metrics.json").exists()
-    assert json.loads((run_dir / "state.json").read_text())["state"] == "interrupted"
+    assert state_of(run_dir)["state"] == "interrupted"
     monkeypatch.setattr(utils.train, "train_one_epoch", TRAIN_ONE_EPOCH)
     built = []
     real_build = trainB.build_model
@@ -135,7 +135,7 @@ def test_a_nan_in_the_refit_is_one_line_and_keeps_best_pt(tiny_data, tmp_path, c
     assert_one_line(capsys.readouterr().err, "the refit stopped: loss became NaN/inf", "best.pt is kept",
                     "--test_only --checkpoint")
     assert (run_dir / "best.pt").exists() and not (run_dir / "refit.pt").exists()
-    assert json.loads((run_dir / "state.json").read_text())["state"] == "failed"
+    assert state_of(run_dir)["state"] == "failed"
 
 
 def test_a_finished_run_refits_on_resume_with_refit_and_not_twice(tiny_data, tmp_path, capsys):
@@ -174,4 +174,4 @@ def test_a_full_disk_when_refit_pt_is_written_is_one_line_and_state_says_failed(
     run_dir = only_dir(tmp_path / "runs")
     assert_one_line(capsys.readouterr().err, "could not write refit.pt", "No space left on device")
     assert (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists()
-    assert json.loads((run_dir / "state.json").read_text())["state"] == "failed"
+    assert state_of(run_dir)["state"] == "failed"

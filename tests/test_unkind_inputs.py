@@ -1,4 +1,4 @@
-"""Reliability, round two: broken photo metadata, unkind file systems, broken caches, resume
+"""Unkind inputs: broken photo metadata, unkind file systems, broken caches, resume
 mistakes, trainB inputs, archives. Each case: one line, nothing lost, never a hang."""
 
 import io
