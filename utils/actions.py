@@ -109,8 +109,11 @@ def explicit_flags(args, parser) -> set[str]:
 
 def run_checkpoint_action(args, parser, spec: ScriptSpec) -> int | None:
     """--predict / --test_only, which need only a checkpoint; None when neither was asked for."""
+    from .export import export
     from .predict import predict
 
+    if args.export:
+        return export(args.checkpoint, spec)
     if args.predict:
         return predict(args.predict, args.checkpoint, spec, args.device, prog=f"{spec.name}.py")
     if args.test_only:

@@ -220,7 +220,10 @@ def add_action_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", metavar="CKPT", default="", help="continue the run that wrote this last.pt")
     add_bool(group, "--test_only", "--test-only", default=False,
              help="evaluate --checkpoint on the test folder and exit")
-    group.add_argument("--checkpoint", metavar="CKPT", default="", help="checkpoint for --test_only / --predict")
+    group.add_argument("--checkpoint", metavar="CKPT", default="", help="checkpoint for --test_only / --predict / --export")
+    add_bool(group, "--export", default=False,
+             help="write --checkpoint as a file plain PyTorch loads without this repository (<name>.pt2: "
+             "torch.export.load(path).module()), with its class names and preprocessing in <name>.json, and exit")
     add_bool(group, "--lr_find", "--lr-find", default=False,
              help="find a learning rate instead of training: ramp it up over at most one epoch, print a suggested "
              "--lr, save lr_find.png and lr_find.csv in a run directory")
