@@ -7,7 +7,7 @@ import trainA
 from conftest import TINY_ARGS, assert_one_line_error, only_dir, run_main
 from data import NatureData, build_eval_transform
 from models import ACTIVATION_NAMES, build_cnn
-from utils import pictures
+from utils import confusion, pictures
 from utils.runtime import Precision
 from utils.evaluation import evaluate
 
@@ -141,7 +141,8 @@ def test_the_prediction_grid_of_fifty_classes_is_a_readable_picture(tmp_path):
     from PIL import ImageDraw
 
     from conftest import write_image
-    from utils.pictures import MAX_CLASSES_SHOWN, fit_text, font, prediction_grid
+    from utils.drawing import MAX_CLASSES_SHOWN, fit_text, font
+    from utils.pictures import prediction_grid
 
     names = [f"Black_footed_Albatross_{i:02d}" for i in range(50)]
     for i, name in enumerate(names):
@@ -169,12 +170,12 @@ def test_the_confusion_matrix_is_whole_up_to_sixty_classes_and_says_what_it_leav
     names = [f"Black_footed_Albatross_{i:03d}" for i in range(classes)]
     image = pictures.confusion_matrix_picture(matrix, names, tmp_path / "cm.png")
     assert max(image.size) < 2000, image.size
-    shown, other = pictures.shown_in_matrix(matrix)
+    shown, other = confusion.shown_in_matrix(matrix)
     if classes <= 60:
         assert shown == list(range(classes)) and other is None
     else:
-        assert len(shown) == pictures.MAX_CLASSES_SHOWN and other is not None
+        assert len(shown) == confusion.MAX_CLASSES_SHOWN and other is not None
         assert (matrix[np.ix_(shown, shown)].sum(1) + other == matrix[shown].sum(1)).all()  # rows sum to their images
-    pairs = pictures.most_confused(matrix, names, 5)
+    pairs = confusion.most_confused(matrix, names, 5)
     assert len(pairs) == 5 and pairs[0][2] == max(matrix[i, j] for i in range(classes) for j in range(classes) if i != j)
     assert pairs[0][2] >= pairs[-1][2] and all(true != predicted for true, predicted, _ in pairs)

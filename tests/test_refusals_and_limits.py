@@ -163,7 +163,8 @@ def test_pictures_and_tables_stay_bounded_at_a_thousand_classes(tmp_path, capsys
     from types import SimpleNamespace
 
     from utils.actions import report_test
-    from utils.pictures import MAX_CLASSES_SHOWN, confusion_counts, confusion_matrix_picture
+    from utils.confusion import confusion_counts, confusion_matrix_picture
+    from utils.drawing import MAX_CLASSES_SHOWN
 
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 1000, 20_000)

@@ -72,7 +72,7 @@ def check_wandb_names(cfg) -> None:
 
 def report_test(stats, class_names: list[str], header: str, per_class_table: bool = True) -> dict:
     """Print test metrics (and the per-class accuracy table); return them as a flat dict."""
-    from .pictures import MAX_CLASSES_SHOWN
+    from .drawing import MAX_CLASSES_SHOWN
 
     per_class = dict(zip(class_names, stats.per_class_accuracy()))
     print(f"{header}: test_loss {stats.loss:.4f}  test_accuracy {stats.accuracy:.4f}  top5 {stats.top5_accuracy:.4f}  "

@@ -14,7 +14,7 @@ from .evaluation import evaluate
 from .features import test_features, val_tta
 from .inputs import RunData
 from .outputs import write_json, write_state
-from .pictures import confusion_counts, most_confused
+from .confusion import confusion_counts, most_confused
 from .recipe import Run
 from .runtime import Precision
 from .tracking import Tracker
