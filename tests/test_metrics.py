@@ -62,3 +62,17 @@ def test_config_json_records_the_command_commit_packages_and_device(tiny_data, t
     assert env["git_commit"] is None or len(env["git_commit"]) == 40
     assert config["epochs"] == 1  # the settings themselves stay where they were
     assert "the run took" in capsys.readouterr().out
+
+
+def test_the_epoch_line_gives_the_lr_the_epoch_started_and_ended_with(tiny_data, tmp_path, capsys):
+    """metrics.csv's lr is the epoch's first value; the console line says so by giving both ends
+    (epoch 1 of a one-cycle run is its warm-up)."""
+    import trainA
+    from conftest import TINY_ARGS, only_dir, read_metrics
+
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "2", "--output_dir", str(tmp_path / "runs"), *TINY_ARGS,
+                        "--patience", "0"]) == 0
+    rows = read_metrics(only_dir(tmp_path / "runs"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/2"))
+    start, end = line.split("  lr ", 1)[1].split()[0].split("..")
+    assert float(start) == float(f"{float(rows[0]['lr']):.2e}") and float(end) == float(f"{float(rows[1]['lr']):.2e}")

@@ -281,7 +281,7 @@ def fit(inputs: FitInputs, opt: Optimisation, writer: CheckpointWriter, cfg, log
             writer.save("last.pt", state, full=True)
             dist.wait_for_all()
             if dist.is_main:
-                tqdm.write(epoch_line(metrics, cfg.epochs, improved=state.best_epoch == epoch))
+                tqdm.write(epoch_line(metrics, cfg.epochs, state.best_epoch == epoch, opt.optimizer.param_groups[0]["lr"]))
             if cfg.patience and state.epochs_without_improvement >= cfg.patience:
                 if dist.is_main:
                     tqdm.write(f"early stop: val_accuracy has not improved for {cfg.patience} epochs "
@@ -290,7 +290,10 @@ def fit(inputs: FitInputs, opt: Optimisation, writer: CheckpointWriter, cfg, log
     return state
 
 
-def epoch_line(m: dict, epochs: int, improved: bool) -> str:
+def epoch_line(m: dict, epochs: int, improved: bool, lr_end: float | None = None) -> str:
+    """The epoch's one console line; lr as the epoch's first and last value (metrics.csv keeps the
+    first): a one-cycle run's first epoch is its warm-up, 1.25e-04..2.00e-03, not 1.25e-04."""
+    lr = f"{m['lr']:.2e}" + (f"..{lr_end:.2e}" if lr_end is not None and f"{lr_end:.2e}" != f"{m['lr']:.2e}" else "")
     return (f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  train_accuracy {m['train_accuracy']:.4f}  "
             f"val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}{' *' if improved else ''}  "
-            f"lr {m['lr']:.2e}  {m['train_images_per_s']:.0f} img/s  {m['epoch_time_s']:.1f}s")
+            f"lr {lr}  {m['train_images_per_s']:.0f} img/s  {m['epoch_time_s']:.1f}s")
