@@ -138,3 +138,18 @@ def test_flagdoc_names_a_script_it_cannot_use_in_one_line(capsys, program):
     with pytest.raises(SystemExit) as exited:
         flagdoc.main(["trainA.py", program if program == "nothere.py" else str(Path(__file__).parent / program)])
     assert program in str(exited.value.code) and "\n" not in str(exited.value.code)
+
+
+def test_sweep_check_names_an_unknown_parameter_a_bad_choice_and_a_range_past_a_bound(tmp_path):
+    """Before an agent spends GPU hours: each mistake is one FAIL naming the flag (and the flag a
+    misspelt parameter most likely meant)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"program": "trainA.py", "method": "random", "parameters": {
+        "lerning_rate": {"values": [0.001]}, "activation": {"values": ["ReLU", "Swish2"]},
+        "dropout": {"distribution": "uniform", "min": 0.2, "max": 1.5}}}, sort_keys=False))
+    _, failures = check_sweep(bad)
+    reasons = {" ".join(argv): reason for argv, reason in failures}
+    assert "did you mean --learning_rate?" in reasons["--lerning_rate=0.001"]
+    assert "'Swish2' is not one of" in reasons["--activation=Swish2"]
+    assert "1.5 must be < 1" in reasons["--dropout=1.5"]
+    assert not any(key.startswith("--activation=ReLU") and "--dropout" not in key for key in reasons)
