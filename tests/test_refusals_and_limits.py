@@ -236,3 +236,28 @@ def test_a_class_name_that_is_not_utf8_prints_under_a_strict_utf8_stdout(tmp_pat
     assert run_cli(trainA.main, ["--data_dir", str(data), "-e", "1", "--output_dir", str(out), *TINY_ARGS]) == 0
     run_dir = only_dir(out)
     assert (run_dir / "test_metrics.json").is_file()
+
+
+def test_checkpoints_are_untrusted_input_for_every_action(tmp_path, tiny_data):
+    """A checkpoint of the other script, an empty one and a truncated one, given to --test_only,
+    --resume and --predict of either script: one line naming the file, exit 2, nothing run."""
+    pytest.importorskip("timm")
+    import trainB
+
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "a"), *TINY_ARGS]) == 0
+    assert trainB.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "b"), "--arch",
+                        "test_efficientnet", "--weights", "none", "-is", "32", "-b", "8", "--num_workers", "0",
+                        "--wandb_mode", "disabled", "--no_pictures", "--strategy", "freeze_all", "--probe_epochs", "0",
+                        "--refit", "false"]) == 0
+    a_dir, b_dir = only_dir(tmp_path / "a"), only_dir(tmp_path / "b")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes((a_dir / "last.pt").read_bytes()[:500])
+    image = next((tiny_data / "val").rglob("*.jpg"))
+    cases = [("trainB.py", a_dir, "written by trainA.py"), ("trainA.py", b_dir, "written by trainB.py")]
+    for script, run_dir, needle in cases:
+        for action in (["--test_only", "--checkpoint", str(run_dir / "best.pt")], ["--resume", str(run_dir / "last.pt")],
+                       ["--predict", str(image), "--checkpoint", str(run_dir / "best.pt")]):
+            assert_one_line_error(run_main(script, *action), needle)
+    for broken in ("empty.pt", "cut.pt"):
+        for action in (["--test_only", "--checkpoint"], ["--resume"], ["--export", "--checkpoint"]):
+            assert_one_line_error(run_main("trainA.py", *action, str(tmp_path / broken)), broken, "truncated")

@@ -47,7 +47,7 @@ def config_for_run(spec: ScriptSpec, args):
     """The run's config from parsed flags: as given, or with --resume the saved one plus the few
     flags a resume may change; checked before any data is touched."""
     parser = spec.get_args_parser()
-    cfg = merged_config(args, parser, spec.config_from_args, spec.config_from_checkpoint)
+    cfg = merged_config(args, parser, spec.config_from_args, spec.config_from_checkpoint, spec.name)
     check_wandb_names(cfg)
     spec.check_config(cfg)
     resolve_device(cfg.device)  # an unknown or missing device fails here, before any data
@@ -130,7 +130,7 @@ def run_checkpoint_action(args, parser, spec: ScriptSpec) -> int | None:
     return None
 
 
-def merged_config(args, parser, from_args: Callable, from_checkpoint: Callable):
+def merged_config(args, parser, from_args: Callable, from_checkpoint: Callable, script: str = ""):
     """The run's config: from the flags, or with --resume from the checkpoint plus the few
     flags RESUME_OVERRIDES allows to change. Any other flag that would change a saved setting
     is refused (silently dropping it would run something else than the user asked for)."""
@@ -138,6 +138,8 @@ def merged_config(args, parser, from_args: Callable, from_checkpoint: Callable):
         return from_args(args)
     args.resume = str(Path(args.resume).expanduser())
     checkpoint = load_checkpoint(args.resume)
+    if script:  # another script's checkpoint is refused before its config is read as this one's
+        check_script(checkpoint, script, args.resume)
     check_resumable(checkpoint, args.resume)
     saved = from_checkpoint(checkpoint)
     given = explicit_flags(args, parser) & {f.name for f in dataclasses.fields(saved)}

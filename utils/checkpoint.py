@@ -75,7 +75,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"({first[:120]}); only load checkpoints written by trainA.py/trainB.py"
         ) from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"checkpoint '{path}' is truncated or not a PyTorch file ({str(error).splitlines()[0][:120]})") from None
+        why = (str(error).strip().splitlines() or [f"{type(error).__name__}: the file is empty" if not path.stat().st_size
+                                                   else type(error).__name__])[0]
+        raise CheckpointError(f"checkpoint '{path}' is truncated or not a PyTorch file ({why[:120]})") from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"checkpoint '{path}' was not written by trainA.py/trainB.py (no model/config entries)")
     return payload
