@@ -259,7 +259,8 @@ def fit(inputs: FitInputs, opt: Optimisation, writer: CheckpointWriter, cfg, log
     """Train for cfg.epochs (from state.epoch on), validating after each epoch, keeping best.pt
     and last.pt, stopping after cfg.patience epochs without a better val_accuracy (0 = never).
     With opt.ema, validation and best.pt use the averaged weights (last.pt holds both). Ctrl-C or
-    SIGTERM saves last.pt and raises TrainingInterrupted; a NaN/inf loss raises NonFiniteLoss."""
+    SIGTERM leaves last.pt at the interrupted epoch's start (interrupted.pt: the weights so far)
+    and raises TrainingInterrupted; a NaN/inf loss raises NonFiniteLoss."""
     state, opt.scaler = state or FitState(), opt.scaler or inputs.precision.scaler()
     if cfg.patience and state.epochs_without_improvement >= cfg.patience:
         return state  # stopped early before a resume that only wants the --refit
