@@ -313,3 +313,18 @@ def test_many_small_members_that_together_are_a_bomb_are_refused(tmp_path):
     with pytest.raises(DatasetError, match="in all"):
         extract_zip(path, tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_test_images_copied_from_train_are_named_as_a_leak(tiny_data, tmp_path, capsys):
+    """Identical files in train/ and the test folder: the run goes on, with one warning naming a
+    pair and the count; a data set without copies says nothing."""
+    import shutil
+
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "clean"), *TINY_ARGS]) == 0
+    assert "byte-for-byte" not in capsys.readouterr().err
+    copied = sorted((tiny_data / "train" / "fungi").iterdir())[:2]
+    for k, path in enumerate(copied):
+        shutil.copy(path, tiny_data / "val" / "fungi" / f"copy_{k}.jpg")
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "leaky"), *TINY_ARGS]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 test image(s) are byte-for-byte copies of training images" in err and "copy_0.jpg" in err

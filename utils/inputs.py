@@ -13,6 +13,7 @@ import torch
 
 from data import AugmentSpec, NatureData, ensure_dataset
 from data.dataset import first_readable, refuse_if_unreadable
+from data.leaks import copies_in_test
 from data.augment import BatchAugment
 from data.cache import CacheUnavailable, build_or_load, default_cache_dir
 from data.loaders import CachedBatches, make_loader
@@ -66,6 +67,11 @@ def load_data(run: Run) -> RunData:
                          "use --val_fraction 0.2")
     run.say(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
             f"{len(classes)} classes from {train_set.root.parent}")
+    leaks = copies_in_test([s.path for s in train_set.samples + val_set.samples], [s.path for s in test_set.samples])
+    if leaks:
+        run.say(f"warning: {len(leaks)} test image(s) are byte-for-byte copies of training images (e.g. '{leaks[0][0]}' "
+                f"= '{leaks[0][1]}'): the test accuracy counts them as unseen; remove them from one folder",
+                file=sys.stderr)
     loaders = make_loaders(run, num_workers, train_set, val_set, test_set)
     return RunData(train_set, val_set, test_set, loaders, num_workers)
 
