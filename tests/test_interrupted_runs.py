@@ -335,3 +335,38 @@ def test_a_read_only_place_for_the_lock_is_one_line_naming_the_folder(tmp_path, 
     result = run_main("trainA.py", "--data_dir", str(target), "--download", "true", "--data_url",
                       "http://127.0.0.1:9/none.zip", *TINY_ARGS)
     assert_one_line_error(result, f"cannot write in '{tmp_path / 'share'}' (Read-only file system)", needle)
+
+
+@pytest.mark.parametrize("phase", ["refit", "test"])
+def test_workers_killed_by_the_groups_sigterm_after_the_epochs_read_as_an_interrupt(tiny_data, tmp_path, monkeypatch,
+                                                                                   phase):
+    """The same race in the refit and in the final test (loaders with workers run there too):
+    torch reports the workers killed by the group's SIGTERM before the run's own handler runs.
+    That is the interrupt it is (exit 130, state interrupted, the resume finishes the run), not a
+    traceback and not a failed refit."""
+    import utils.finish
+    import utils.train
+
+    dead = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+    if phase == "refit":
+        real = utils.train.train_one_epoch
+        calls = []
+
+        def dies_in_the_refit(*args, **kwargs):  # fit() runs 1 epoch; the refit's first one dies
+            calls.append(1)
+            if len(calls) == 2:
+                raise dead
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(utils.train, "train_one_epoch", dies_in_the_refit)
+    else:
+        def dies_in_the_test(*args, **kwargs):
+            raise dead
+
+        monkeypatch.setattr(utils.finish, "evaluate", dies_in_the_test)
+    out = tmp_path / "runs"
+    result = run_main("trainA.py", "--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS,
+                      "--refit", "true")
+    assert result.returncode == EXIT_INTERRUPTED, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "interrupted" in result.stderr and "refit stopped" not in result.stderr
+    assert state_of(only_dir(out))["state"] == "interrupted"

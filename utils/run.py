@@ -35,7 +35,8 @@ from .outputs import create_run_dir, environment, own_run_dir, release_run_dirs,
 from .runtime import make_precision, prepare_model, seed_everything
 from .tracking import Tracker
 from .recipe import ModelRecipe, Run
-from .train import DataWorkersDied, FitInputs, NonFiniteLoss, TrainingInterrupted, fit, is_worker_death, refit
+from .train import (DataWorkersDied, FitInputs, NonFiniteLoss, TrainingInterrupted, fit, is_stop_signal_death,
+                    is_worker_death, refit)
 
 
 def train_and_test(cfg, recipe: ModelRecipe, run_name: str, summary_text: Callable[[nn.Module], str] | None = None,
@@ -69,6 +70,10 @@ def _live(run: Run, run_name: str, summary_text, resume: str, after_test, lr_fin
     try:
         return _in_run_dir(run, run_dir, model, data, run_name, summary_text, after_test, lr_find_steps)
     except KeyboardInterrupt:  # outside the epochs (fit() saves and reports its own)
+        return interrupted_between_steps(run, run_dir)
+    except RuntimeError as error:  # the refit's or the test's loader workers killed by the group's signal
+        if not is_stop_signal_death(error):
+            raise
         return interrupted_between_steps(run, run_dir)
 
 
@@ -214,8 +219,9 @@ def refit_on_train_and_val(run: Run, data: RunData, run_dir: Path, meta: dict, t
             "refit.pt", FitState(epoch=epochs, best_epoch=epochs), full=False)
         return None
     except (RuntimeError, CheckpointWriteError) as error:  # NonFiniteLoss is one, like a DataLoader worker's death
-        if isinstance(error, RuntimeError) and not isinstance(error, NonFiniteLoss) and not is_worker_death(error):
-            raise
+        if isinstance(error, RuntimeError) and not isinstance(error, NonFiniteLoss) and (
+                not is_worker_death(error) or is_stop_signal_death(error)):
+            raise  # a stop signal's worker deaths are an interrupt (_live)
         why = (str(error) if not isinstance(error, RuntimeError) or isinstance(error, NonFiniteLoss)
                else "data loading workers died (try --num_workers 0)")
     if run.dist.is_main:
