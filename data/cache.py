@@ -70,13 +70,26 @@ class DecodedSplit:
     path: Path
 
 
-def cache_key(samples: list[Sample], load_size: int, size: int, final: int) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{load_size}|{size}|{final}".encode())
+def add_files(digest, samples: list[Sample], missing_ok: bool = False) -> None:
+    """Every file's name, label, size and mtime into digest: a cache keyed by it is rebuilt when a
+    file is added, removed, replaced or touched. A vanished file raises OSError, or with missing_ok
+    counts as one."""
     for sample in samples:
-        st = os.stat(sample.path)
         # fsencode: file names need not be valid UTF-8 (they arrive as surrogate escapes)
         digest.update(os.fsencode(os.path.abspath(sample.path)))
+        try:
+            st = os.stat(sample.path)
+        except OSError:
+            if not missing_ok:
+                raise
+            digest.update(f"|{sample.label}|missing\n".encode())
+            continue
         digest.update(f"|{sample.label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+
+
+def cache_key(samples: list[Sample], load_size: int, size: int, final: int) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{load_size}|{size}|{final}".encode())
+    add_files(digest, samples)
     return digest.hexdigest()[:24]
 
 

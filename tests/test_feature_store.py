@@ -113,3 +113,19 @@ def test_a_broken_entry_is_computed_again_and_an_unwritable_store_only_warns(tmp
     (features, _), reused = FeatureStore(blocked / "features").get("k", compute, torch.device("cpu"))
     assert features.shape == (3, 4) and not reused
     assert "cannot keep features" in capsys.readouterr().err
+
+
+def test_file_names_that_are_not_utf8_key_the_store_as_they_key_the_decoded_images(tmp_path, capsys):
+    """The store's key reads the file names as the decoded-image cache does (os.fsencode): a class
+    folder whose name is not valid UTF-8 trains with its features stored and read back."""
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data", classes=("amphibia", "fungi"))
+    for split in ("train", "val"):
+        os.rename(os.fsencode(data / split / "fungi"), os.fsencode(data / split) + b"/pilz_\xff")
+    from utils.cli import run_cli  # as a user runs it: the names print with escapes
+
+    for name in ("first", "second"):
+        argv = ["-p", str(data), "--output_dir", str(tmp_path / name), "--cache_dir", str(tmp_path / "cache"), *B_ARGS]
+        assert run_cli(trainB.main, argv, prog="trainB.py") == 0
+    assert "features read from" in capsys.readouterr().out

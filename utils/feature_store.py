@@ -18,14 +18,16 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from data.cache import add_files, default_cache_dir
+
+from .checkpoint import atomic_torch_save
+
 STORE_VERSION = 1
 MAX_BYTES = 4 * 2**30  # oldest entries are removed past this (a birds50 split is ~10 MB)
 
 
 def store_dir(cache_dir: str) -> Path:
     """Where the features live: in the decoded-image cache's folder (--cache_dir or its default)."""
-    from data.cache import default_cache_dir
-
     return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "features"
 
 
@@ -45,12 +47,7 @@ def backbone_digest(model: nn.Module, head: nn.Module) -> str:
 def split_key(samples, framing: str, views: int, backbone: str) -> str:
     """framing: the transform's sizes and normalisation, the arch and the precision, in words."""
     digest = hashlib.sha256(f"v{STORE_VERSION}|{framing}|views{views}|{backbone}\n".encode())
-    for sample in samples:
-        try:
-            st = os.stat(sample.path)
-            digest.update(f"{sample.path}|{sample.label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{sample.path}|{sample.label}|missing\n".encode())
+    add_files(digest, samples, missing_ok=True)  # the decoded-image cache's own fingerprint of the files
     return digest.hexdigest()[:32]
 
 
@@ -105,12 +102,9 @@ class FeatureStore:
         return features.to(device), labels.to(device)
 
     def _write(self, path: Path, features: torch.Tensor, labels: torch.Tensor) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save({"version": STORE_VERSION, "features": features.cpu(), "labels": labels.cpu()}, tmp)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as error:  # a full disk inside torch's zip writer is a RuntimeError
-            tmp.unlink(missing_ok=True)
+        try:  # a temporary file renamed into place, as checkpoints are (a full disk is an OSError there)
+            atomic_torch_save({"version": STORE_VERSION, "features": features.cpu(), "labels": labels.cpu()}, path)
+        except OSError as error:
             self._warn(error)
             return
         self._prune()
