@@ -89,6 +89,15 @@ def feature_batches(frozen: FrozenFeatures, data, batch_size: int, seed: int,
     return train, FeatureBatches(*val, batch_size, False, seed)
 
 
+def run_features(split: Callable, model: nn.Module, data, precision: Precision, cfg):
+    """data.features: the run's train and val FeatureBatches, made on first use (the probe's or the
+    epochs', whichever comes first) and shared after."""
+    if data.features is None:
+        data.features = feature_batches(frozen_features(split, model, data, precision, cfg), data, cfg.batch_size,
+                                        cfg.seed, cfg.tta)
+    return data.features
+
+
 def train_and_val_features(data, batch_size: int, seed: int) -> FeatureBatches:
     """--refit's training features: the run's train and val features together (val's first view,
     the image itself), in the order of the refit's samples (train, then val)."""
@@ -117,12 +126,11 @@ def feature_inputs(split: Callable, model: nn.Module, data, precision: Precision
     _, head = split(model)
     started = time.perf_counter()
     if data.features is None:
-        data.features = feature_batches(frozen_features(split, model, data, precision, cfg), data, cfg.batch_size,
-                                        cfg.seed, cfg.tta)
+        train, val = run_features(split, model, data, precision, cfg)
         when = describe_work(data.frozen, time.perf_counter() - started)
     else:
+        train, val = data.features
         when = "reused from the probe" if data.val_set is not None else "reused from the run (train and val)"
-    train, val = data.features
     if cfg.compile:
         say("--compile: not applied, the feature cache trains only the head (one small layer)")
     images = len(train.labels) + (len(val.labels) if val is not None else 0)
@@ -137,10 +145,7 @@ def probe_head(split: Callable, model: nn.Module, data, precision: Precision, cf
     first fine-tuning steps otherwise distort the pretrained features. What it did, in words."""
     _, head = split(model)
     started = time.perf_counter()
-    if data.features is None:
-        data.features = feature_batches(frozen_features(split, model, data, precision, cfg), data, cfg.batch_size,
-                                        cfg.seed, cfg.tta)
-    train, val = data.features
+    train, val = run_features(split, model, data, precision, cfg)
     optimizer = build_optimizer(split_decay(head.named_parameters(), cfg.probe_lr, cfg.weight_decay), cfg.optimizer,
                                 cfg.probe_lr, cfg.momentum)
     steps = cfg.probe_epochs * len(train)

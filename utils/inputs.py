@@ -20,6 +20,7 @@ from data.loaders import CachedBatches, make_loader
 
 from .config import wants_download
 from .errors import UsageError
+from .features import train_and_val_features
 from .recipe import Run
 from .runtime import default_num_workers
 from .runtime import Precision
@@ -129,8 +130,6 @@ def train_and_val(run: Run, data: RunData) -> RunData:
     path (cache or streaming) as the run's own; no val; the same test. Frozen-backbone features the
     run computed are reused (its train and val features together); a run whose epochs train on
     them (freeze_all) then reads no image at all."""
-    from .features import train_and_val_features
-
     both = copy.copy(data.train_set)
     both.samples = data.train_set.samples + data.val_set.samples
     features = None

@@ -73,29 +73,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_description() -> str:
     """The CPU's model name, core count and bf16 units, for benchmark headers: speed figures only
     mean something beside the CPU they came from."""
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and ":" in line:
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line
-    except OSError:
-        pass
+    info = _cpuinfo().splitlines()
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name") and ":" in line]
+    name = names[0] if names else platform.processor() or platform.machine()
+    flags = next((line for line in info if line.startswith("flags")), "")
     units = [unit for unit, flag in (("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16")) if f" {flag}" in flags]
     bf16 = f"bf16 units: {', '.join(units)}" if units else "no bf16 units (fp32)"
     return f"{name}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores, {bf16}"
