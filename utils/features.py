@@ -4,6 +4,7 @@ how to split the model)."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -43,18 +44,22 @@ class FrozenFeatures:
 
     def __init__(self, extract: Callable, model: nn.Module, head: nn.Module, precision: Precision,
                  store: FeatureStore, framing: str):
-        self.extract, self.precision, self.store = extract, precision, store
+        self.extract, self.precision, self.store, self.model, self.head = extract, precision, store, model, head
         mode = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.autocast_dtype]
         self.framing = f"{framing}|{precision.device.type}|{mode}|cl{int(precision.channels_last)}"
-        self.digest = backbone_digest(model, head)
         self.done: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self.computed = self.reused = 0
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return backbone_digest(self.model, self.head)
 
     def of(self, name: str, loader, samples, mirror: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, labels) of loader's images (every one once, not augmented, in order); with
         mirror (images, 2, dim): each image's and its mirror's."""
         if (name, mirror) not in self.done:
-            key = split_key(samples, self.framing, 2 if mirror else 1, self.digest)
+            # the key (a stat of every file, a hash of every weight) only where there is a store to look in
+            key = split_key(samples, self.framing, 2 if mirror else 1, self.digest) if self.store.folder else ""
             (features, labels), reused = self.store.get(
                 key, lambda: compute_features(self.extract, in_order(loader), self.precision, mirror,
                                               f"{name} features{' + mirror' * mirror}"),

@@ -68,7 +68,8 @@ def load_data(run: Run) -> RunData:
                          "use --val_fraction 0.2")
     run.say(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
             f"{len(classes)} classes from {train_set.root.parent}")
-    leaks = copies_in_test([s.path for s in train_set.samples + val_set.samples], [s.path for s in test_set.samples])
+    leaks = run.dist.is_main and copies_in_test([s.path for s in train_set.samples + val_set.samples],
+                                                [s.path for s in test_set.samples])
     if leaks:
         run.say(f"warning: {len(leaks)} test image(s) are byte-for-byte copies of training images (e.g. '{leaks[0][0]}' "
                 f"= '{leaks[0][1]}'): the test accuracy counts them as unseen; remove them from one folder",
