@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 
 # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, which is several
 # times faster than a full decode followed by a resize when the target is much smaller.
@@ -87,6 +87,10 @@ def load_rgb(path: str, shorter_side: int | None = None) -> Image.Image:
         raise UnreadableImage("not a regular file (a pipe, socket or device)")
     try:
         return _load_rgb(path, shorter_side)
+    except Image.UnidentifiedImageError:
+        if (why := why_unidentified(path)) is not None:
+            raise UnreadableImage(why) from None
+        raise
     except UNREADABLE:
         raise
     except Exception as error:  # noqa: BLE001 - one bad file must never stop a run
@@ -105,11 +109,8 @@ def _load_rgb(path: str, shorter_side: int | None) -> Image.Image:
         # Huge photos are legitimate here; draft mode keeps their decode cheap.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like, per file
-        with Image.open(path) as image:
-            if shorter_side is not None and image.format == "JPEG":
-                scale = shorter_side / min(image.size)
-                if scale < 0.5:
-                    image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+        with _open(path, shorter_side) as image:
+            _draft(image, shorter_side)
             image.load()
             image = _oriented(image)
             image = _to_rgb(image)
@@ -119,3 +120,52 @@ def _load_rgb(path: str, shorter_side: int | None) -> Image.Image:
         new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = image.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     return image
+
+
+def _draft(image: Image.Image, shorter_side: int | None) -> None:
+    """Let a JPEG decode straight at a reduced scale (1/2, 1/4, 1/8) still above shorter_side."""
+    if shorter_side is not None and image.format == "JPEG":
+        scale = shorter_side / min(image.size)
+        if scale < 0.5:
+            image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+
+
+def _open(path: str, shorter_side: int | None) -> Image.Image:
+    """Image.open, except that a JPEG over Pillow's decompression-bomb limit (a 20000 x 20000
+    panorama) is still read when its draft decode stays under the limit; anything else that large
+    is refused (DecompressionBombError: the file is skipped with a warning)."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError:
+        if shorter_side is None or _signature(path)[:3] != b"\xff\xd8\xff":
+            raise
+    image = JpegImagePlugin.JpegImageFile(path)
+    _draft(image, shorter_side)
+    width, height = image.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(f"{width} x {height} pixels even at 1/8 scale exceeds Pillow's "
+                                           f"limit of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS)")
+    return image
+
+
+def _signature(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(16)
+
+
+# ISO base media brands of the HEIF family (iPhone photos) and of AVIF.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def why_unidentified(path: str) -> str | None:
+    """A fix to name for a file Pillow cannot identify, when its first bytes say what it is."""
+    try:
+        head = _signature(path)
+    except OSError:
+        return None
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "a HEIC/HEIF photo, which Pillow cannot read: convert it to JPEG (e.g. heif-convert, or export from Photos)"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "an AVIF image this Pillow cannot read: pip install -U pillow (11.3+ reads AVIF), or convert it to JPEG"
+    return None

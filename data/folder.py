@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import DatasetError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif")
 TEST_FOLDER_NAMES = ("val", "test")  # iNat calls its held-out test set val/
 ZIP_ROOT_NAME = "inaturalist_12K"
 
