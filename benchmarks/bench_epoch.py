@@ -16,6 +16,13 @@ give it enough images (make_fake_inat.py --train_per_class 200) that an epoch is
     python benchmarks/bench_epoch.py /tmp/fake_inat --image_size 224
 
 The last line reads `speedup_vs_plain=<a/c> overhead_vs_compute=<c/d>`.
+
+--model resnet50 or tf_efficientnet_lite0 times trainB's default step instead (--strategy full:
+the whole network trains, BatchNorm frozen, trainB's augmentation; random weights, as time does
+not depend on their values). For an AVX2-only CPU on a newer one, cap the instruction sets
+(benchmarks/README.md):
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_epoch.py ...
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import IMAGENET_MEAN, IMAGENET_STD, NatureData, build_train_transform, working_size  # noqa: E402
 from data.cache import build_or_load  # noqa: E402
 from data.augment import BatchAugment  # noqa: E402
+from data.transforms import AugmentSpec  # noqa: E402
 from data.loaders import CachedBatches  # noqa: E402
 from models import build_cnn  # noqa: E402
 from data.loaders import make_loader  # noqa: E402
@@ -69,7 +77,25 @@ class PremadeBatches:
         return ((self.x, self.y) for _ in range(self.steps))
 
 
+TRAIN_B_ARCHS = ("resnet50", "tf_efficientnet_lite0")
+
+
+def script_config(args):
+    """The config of the script whose step is timed: trainA's defaults, or trainB's for --model <arch>."""
+    if args.model in TRAIN_B_ARCHS:
+        import trainB
+
+        return trainB.ConfigB(arch=args.model, image_size=args.image_size, weights="none")
+    import trainA
+
+    return trainA.ConfigA(image_size=args.image_size)
+
+
 def build_model(args, classes: int) -> nn.Module:
+    if args.model in TRAIN_B_ARCHS:
+        import trainB
+
+        return trainB.build_model(script_config(args), classes)
     if args.model == "assignment":  # the assignment write-ups' best: 64 filters, 5,5,3,3,3, LeakyReLU
         return build_cnn(classes, args.image_size, 64, "same", [5, 5, 3, 3, 3], "LeakyReLU", True, 0.2)
     import trainA
@@ -132,8 +158,9 @@ def main() -> None:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--model", choices=("default", "assignment"), default="default",
-                        help="trainA's default CNN, or the assignment's best (64 filters, 5,5,3,3,3, LeakyReLU)")
+    parser.add_argument("--model", choices=("default", "assignment") + TRAIN_B_ARCHS, default="default",
+                        help="trainA's default CNN, the assignment's best (64 filters, 5,5,3,3,3, LeakyReLU), "
+                             "or trainB's default full step on one of its backbones")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num_workers", type=int, default=-1)
     parser.add_argument("--skip_plain", action="store_true", help="leave out (a), e.g. on a slow CPU")
@@ -168,7 +195,8 @@ def main() -> None:
                 args.data_dir / "train", args.image_size, args.batch_size, workers), plain, args, classes)
         per_image["stream"] = timed_epoch("(b) ours, streaming", make_loader(
             train, args.batch_size, True, device, workers, 0), ours, args, classes)
-        augment = BatchAugment(args.image_size, True, IMAGENET_MEAN, IMAGENET_STD)
+        augment = BatchAugment(args.image_size, True, IMAGENET_MEAN, IMAGENET_STD,
+                               AugmentSpec.from_config(script_config(args)), channels_last=ours.channels_last)
         on_device = device.type == "cuda"
         per_image["cached"] = timed_epoch("(c) ours, cached + device aug", CachedBatches(
             split, args.batch_size, True, augment, device, 0, on_device=on_device), ours, args, classes)

@@ -173,8 +173,9 @@ class CachedBatches:
             index = index_on(self.device, positions)
             yield self.images[index], self.labels[index]
 
-    def _host_batches(self):
-        """Gather on a background thread, one batch ahead."""
+    def _host_batches(self, prepare=None):
+        """Gather on a background thread, one batch ahead; prepare(images, labels), when given, runs
+        there too (on a CPU: the augmentation, so it overlaps the step instead of following it)."""
         pending: queue.Queue = queue.Queue(maxsize=2)
         pin = self.device.type == "cuda"
 
@@ -186,6 +187,8 @@ class CachedBatches:
                     if stop.is_set():
                         return
                     images, labels = to_tensor_batch(self.split, self.indices[positions])
+                    if prepare is not None:
+                        images, labels = prepare(images, labels)
                     pending.put((images.pin_memory(), labels.pin_memory()) if pin else (images, labels))
                 pending.put(None)
             except BaseException as error:  # handed to the consumer, which re-raises it
@@ -210,14 +213,21 @@ class CachedBatches:
         # The batch order must be the same on every rank; augmentation draws must not be.
         aug_seed = int(torch.randint(2**62, (1,), generator=self.generator)) + self.rank
         aug_generator = torch.Generator().manual_seed(aug_seed)
+        draws = aug_generator if self.train else None
+
+        def augment(images, labels):
+            return self.augment(images, draws), labels
+
         if self.images is not None:
-            source = self._device_batches()
+            source = map(lambda batch: augment(*batch), self._device_batches())
+        elif self.device.type == "cpu":
+            # The batches are made in order on one thread, so each draws what it drew on the
+            # main thread: the same seeded run gives the same numbers.
+            source = self._host_batches(prepare=augment)
         else:
-            source = self._host_batches()
-        for images, labels in source:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            yield self.augment(images, aug_generator if self.train else None), labels
+            source = (augment(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+                      for images, labels in self._host_batches())
+        yield from source
 
 
 class FeatureBatches:

@@ -147,3 +147,24 @@ def test_cached_run_end_to_end_and_second_run_hits_the_cache(tiny_data, tmp_path
     assert len(built) == 3  # train, val, test
     assert trainA.main([*common, "--output_dir", str(tmp_path / "r2")]) == 0
     assert {p.name: os.stat(p).st_mtime_ns for p in (tmp_path / "cache").glob("*.npy")} == built
+
+
+def test_on_a_cpu_the_next_batch_is_augmented_off_the_training_thread(tiny_data, tmp_path):
+    """The cached path on a CPU prepares each batch (gather, crop, flip, normalise) on its
+    background thread, so it overlaps the step; the draws stay those of the main-thread order
+    (test_gpu_ready's comparison with the device path checks the values)."""
+    import threading
+
+    _, split = split_of(tiny_data, tmp_path / "cache", split="train")
+    threads = []
+
+    class Recording(BatchAugment):
+        def __call__(self, images, generator=None):
+            threads.append(threading.current_thread())
+            return super().__call__(images, generator)
+
+    loader = CachedBatches(split, 4, True, Recording(32, True, IMAGENET_MEAN, IMAGENET_STD), torch.device("cpu"))
+    batches = list(loader)
+    assert len(batches) == len(threads) > 1
+    assert all(batch[0].shape[1:] == (3, 32, 32) for batch in batches)
+    assert threading.main_thread() not in threads

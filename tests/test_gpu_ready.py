@@ -164,12 +164,12 @@ def test_in_order_loader_visits_every_train_image_once(tiny_data, tmp_path, kind
 
 
 def test_default_precision_path_runs_end_to_end_and_resumes(tiny_data, tmp_path, capsys):
-    """No --amp/--channels_last flags: whatever this CPU's default is (bf16 + channels-last with
-    bf16 units, else fp32) trains, tests and resumes."""
+    """No --amp/--channels_last flags: whatever this CPU's default is (bf16 with bf16 units, else
+    fp32; channels-last on every CPU) trains, tests and resumes."""
     out = tmp_path / "runs"
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", *PRECISION_FREE_ARGS, "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    expected = "bf16, channels_last" if utils.runtime.cpu_has_bf16() else "(fp32)"
+    expected = "bf16, channels_last" if utils.runtime.cpu_has_bf16() else "(fp32, channels_last)"
     assert expected in printed
     run_dir = only_dir(out)
     assert trainA.main(["--resume", str(run_dir / "last.pt"), "-e", "2", "--num_workers", "0"]) == 0

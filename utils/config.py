@@ -188,7 +188,7 @@ def _hardware_args(group, d: TrainConfig) -> None:
                        help="mixed precision: auto = bf16 on GPUs that have it else fp16; on CPUs with bf16 units "
                        "(AVX512-BF16/AMX) bf16, else fp32 (default: auto)")
     group.add_argument("--channels_last", "--channels-last", type=choice("auto", "true", "false"), default=d.channels_last,
-                       help="channels-last memory format: auto = on for CUDA and for CPUs with bf16 units (default: auto)")
+                       help="channels-last memory format: auto = on for CUDA and every CPU (default: auto)")
     group.add_argument("--num_workers", "--num-workers", type=number(int, -1), default=d.num_workers,
                        help="data loading processes for --cache off; -1 = one per core, up to 8 (default: -1)")
     add_bool(group, "--sync_bn", "--sync-bn", default=d.sync_bn,
