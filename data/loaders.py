@@ -128,7 +128,8 @@ class CachedBatches:
 
     With on_device, the split's uint8 pixels are copied to the device once and batches are
     gathered there; otherwise they are copied out of the memory map by a background thread
-    (numpy copies release the GIL) while the model computes on the previous batch.
+    (numpy copies release the GIL) while the model computes on the previous batch. On a CPU that
+    thread augments them too, so nothing of the batch's preparation is left between two steps.
     """
 
     def __init__(self, split: DecodedSplit, batch_size: int, train: bool, augment: BatchAugment,

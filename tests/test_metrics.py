@@ -76,3 +76,48 @@ def test_the_epoch_line_gives_the_lr_the_epoch_started_and_ended_with(tiny_data,
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/2"))
     start, end = line.split("  lr ", 1)[1].split()[0].split("..")
     assert float(start) == float(f"{float(rows[0]['lr']):.2e}") and float(end) == float(f"{float(rows[1]['lr']):.2e}")
+
+
+def _predictions(run_dir):
+    import csv
+
+    with open(run_dir / "test_predictions.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_test_predictions_csv_ties_each_tested_image_to_its_file(tiny_data, tmp_path, capsys):
+    """A row per test image the run tested (an unreadable one skipped on the cached path):
+    its file, true class, top-5 with probabilities; the rows agree with test_metrics.json."""
+    import trainA
+    import trainB
+    from conftest import TINY_ARGS, only_dir
+
+    (tiny_data / "val" / "fungi" / "broken.jpg").write_bytes(b"not an image")
+    runs = {
+        "A cached": lambda out: trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", out, *TINY_ARGS]),
+        "B freeze_all": lambda out: trainB.main([
+            "--data_dir", str(tiny_data), "-e", "1", "--output_dir", out, "--arch", "test_efficientnet", "--weights",
+            "none", "-is", "32", "-b", "8", "--num_workers", "0", "--wandb_mode", "disabled", "--amp", "off",
+            "--no_pictures", "--strategy", "freeze_all", "--probe_epochs", "2", "--refit", "false"]),
+    }
+    for name, run in runs.items():
+        out = tmp_path / name
+        assert run(str(out)) == 0, name
+        run_dir = only_dir(out)
+        rows = _predictions(run_dir)
+        metrics = json.loads((run_dir / "test_metrics.json").read_text())
+        readable = [p for p in (tiny_data / "val").rglob("*.jpg") if p.name != "broken.jpg"]
+        assert sorted(r["file"] for r in rows) == sorted(str(p.relative_to(tiny_data / "val")) for p in readable)
+        for row in rows:
+            assert row["true_class"] == row["file"].split("/")[0]
+            assert row["predicted_class"] == row["top1_class"] and row["correct"] == str(int(
+                row["true_class"] == row["predicted_class"]))
+            probabilities = [float(row[f"top{i}_probability"]) for i in (1, 2, 3)]
+            assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 1) < 5e-4  # 3 classes: all of them
+        assert abs(sum(int(r["correct"]) for r in rows) / len(rows) - metrics["test_accuracy"]) < 1e-9, name
+    # streaming with an unreadable test file: the rows cannot be tied to files, so none are written
+    out = tmp_path / "A streaming"
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), *TINY_ARGS,
+                        "--cache", "off"]) == 0
+    assert not (only_dir(out) / "test_predictions.csv").exists()
+    assert "test_predictions.csv not written" in capsys.readouterr().out

@@ -24,6 +24,8 @@ class EvalStats:
     predictions: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
     top5_accuracy: float = float("nan")  # the true class among the 5 highest logits (all, under 5 classes)
+    top_classes: list[list[int]] = field(default_factory=list)  # with keep_predictions: each image's 5 likeliest
+    top_probabilities: list[list[float]] = field(default_factory=list)  # and their softmax probabilities
 
     def per_class_accuracy(self) -> list[float]:
         return [c / t if t else float("nan") for c, t in zip(self.per_class_correct, self.per_class_total)]
@@ -64,7 +66,7 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int, d
     class_correct = torch.zeros(num_classes, device=device, dtype=torch.long)
     class_total = torch.zeros(num_classes, device=device, dtype=torch.long)
     top5_correct = torch.zeros((), device=device, dtype=torch.long)
-    predictions, targets_all = [], []
+    predictions, targets_all, top_k = [], [], []
     batches = progress(start_iterating(loader), desc, len(loader), per_item=batch_size_of(loader), show=show_progress)
     for _, inputs, targets in precision.batches(batches):
         with precision.autocast():
@@ -73,10 +75,12 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int, d
         predicted = logits.argmax(1)
         class_total.index_add_(0, targets, torch.ones_like(targets))
         class_correct.index_add_(0, targets, (predicted == targets).long())
-        top5_correct += (logits.topk(min(5, logits.shape[1]), 1).indices == targets[:, None]).any(1).sum()
+        top = logits.float().softmax(1).topk(min(5, logits.shape[1]), 1)
+        top5_correct += (top.indices == targets[:, None]).any(1).sum()
         if keep_predictions:
             predictions.append(predicted.cpu())
             targets_all.append(targets.cpu())
+            top_k.append((top.indices.cpu(), top.values.cpu()))
     if reduce is not None:
         loss_sum, class_correct, class_total = reduce(loss_sum), reduce(class_correct), reduce(class_total)
         top5_correct = reduce(top5_correct)
@@ -91,4 +95,6 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int, d
         predictions=torch.cat(predictions).tolist() if predictions else [],
         targets=torch.cat(targets_all).tolist() if targets_all else [],
         top5_accuracy=int(top5_correct) / max(total, 1),
+        top_classes=torch.cat([i for i, _ in top_k]).tolist() if top_k else [],
+        top_probabilities=torch.cat([p for _, p in top_k]).tolist() if top_k else [],
     )

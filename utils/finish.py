@@ -3,6 +3,7 @@ the pictures, and state.json saying "finished"."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from torch import nn
@@ -13,7 +14,9 @@ from .errors import EXIT_OK
 from .evaluation import evaluate
 from .features import test_features, val_tta
 from .inputs import RunData
-from .outputs import write_json, write_state
+from data.loaders import CachedBatches
+
+from .outputs import write_json, write_predictions, write_state
 from .confusion import confusion_counts, most_confused
 from .recipe import Run
 from .runtime import Precision
@@ -55,6 +58,7 @@ def test_best(run: Run, model: nn.Module, data: RunData, run_dir: Path, tracker:
                    test_most_confused=most_confused(confusion_counts(test.targets, test.predictions, len(classes)),
                                                     classes))
     write_json(run_dir / "test_metrics.json", results)
+    predictions_csv(run_dir, data, test)
     tracker.log_summary({k: v for k, v in results.items() if not isinstance(v, dict)})
     tracker.log_summary({f"test_accuracy/{k}": v for k, v in results["test_per_class_accuracy"].items()})
     if after_test is not None and not run.dist.enabled:
@@ -64,5 +68,19 @@ def test_best(run: Run, model: nn.Module, data: RunData, run_dir: Path, tracker:
     write_state(run_dir, "finished")
     minutes = (time.perf_counter() - run.started) / 60
     print(f"saved {run_dir}/best.pt, {'refit.pt, ' if run.cfg.refit else ''}last.pt, metrics.csv, curves.png, "
-          f"config.json, test_metrics.json; the run took {minutes:.1f} min")
+          f"config.json, test_metrics.json, test_predictions.csv; the run took {minutes:.1f} min")
     return EXIT_OK
+
+
+def predictions_csv(run_dir: Path, data: RunData, test) -> None:
+    """test_predictions.csv for the checkpoint the run reports, where each prediction can be tied
+    to its file: the images tested are the test folder's readable ones, in order (the cached path
+    knows which; streaming, every file, unless one was skipped); their labels must match."""
+    loader, samples = data.loaders[2], data.test_set.samples
+    tested = [samples[i] for i in loader.indices.tolist()] if isinstance(loader, CachedBatches) else samples
+    if [s.label for s in tested] != test.targets:
+        print("test_predictions.csv not written: the tested images cannot be tied to their files "
+              "(an unreadable test file skipped with --cache off, or several processes)")
+        return
+    files = [os.path.relpath(s.path, data.test_set.root) for s in tested]
+    write_predictions(run_dir / "test_predictions.csv", files, test, data.class_names)

@@ -3,6 +3,7 @@ and its small JSON files (config.json, state.json, test_metrics.json) written at
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -18,6 +19,23 @@ RUN_STATES = ("running", "finished", "interrupted", "failed", "lr_find")
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_predictions(path: Path, files: list[str], stats, class_names: list[str]) -> None:
+    """A row per test image: its file, true and predicted class, and the five likeliest classes
+    with their softmax probabilities (stats: an EvalStats kept with keep_predictions)."""
+    k = len(stats.top_classes[0]) if stats.top_classes else 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    # backslashreplace: a file name that is not UTF-8 stays readable, and the file stays UTF-8
+    with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "true_class", "predicted_class", "correct",
+                         *(f"top{i}_{what}" for i in range(1, k + 1) for what in ("class", "probability"))])
+        for file, target, predicted, top, probabilities in zip(files, stats.targets, stats.predictions,
+                                                               stats.top_classes, stats.top_probabilities):
+            writer.writerow([file, class_names[target], class_names[predicted], int(target == predicted),
+                             *(x for c, p in zip(top, probabilities) for x in (class_names[c], f"{p:.4f}"))])
     os.replace(tmp, path)
 
 
