@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +42,14 @@ def has_dataset(path: Path) -> bool:
     return True
 
 
+def lock_path(target: Path) -> Path:
+    """The lock file for target, in the temporary folder (never left beside the data: a failed
+    download used to leave nature_12K.lock in the working folder); one per user and folder."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "")
+    digest = hashlib.sha1(os.fsencode(target.resolve())).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"inat12k-{user}-{digest}.lock"
+
+
 @contextlib.contextmanager
 def writable_lock(target: Path, fix: str):
     """The file lock beside target (one process unpacks or downloads, the others wait), or one
@@ -48,7 +57,10 @@ def writable_lock(target: Path, fix: str):
     permission)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(target) + ".lock")
+        probe = target.parent / f".{target.name}.write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        lock = FileLock(str(lock_path(target)))
         lock.acquire()
     except OSError as error:
         raise DatasetError(f"cannot write in '{target.parent}' ({error.strerror or error}); {fix}") from None

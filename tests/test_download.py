@@ -187,6 +187,7 @@ def test_unreachable_url_fails_with_one_line(tmp_path):
 def test_http_error_names_the_status(server, tmp_path):
     with pytest.raises(DatasetError, match="HTTP 404"):
         ensure_dataset(tmp_path / "x", server.url("/missing.zip"))
+    assert not list(tmp_path.iterdir())  # no x.lock (or anything else) left beside the data after a failure
 
 
 def test_two_processes_starting_together_download_once(server, dataset_zip, tmp_path):
