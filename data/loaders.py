@@ -134,8 +134,11 @@ class CachedBatches:
 
     def __init__(self, split: DecodedSplit, batch_size: int, train: bool, augment: BatchAugment,
                  device: torch.device, seed: int = 0, on_device: bool = False, rank: int = 0, world: int = 1,
-                 plain_split: Callable[[], DecodedSplit] | None = None):
+                 plain_split: Callable[[], DecodedSplit] | None = None, augment_ahead: bool | None = None):
         self.split, self.augment, self.device, self.train = split, augment, device, train
+        # Augment on the background thread, during the previous step (default: on a CPU, where the
+        # augmentation runs on the same cores; benchmarks/bench_epoch.py times both).
+        self.augment_ahead = device.type == "cpu" if augment_ahead is None else augment_ahead
         # The same files decoded at the eval resize, for in_order() where split is framed for
         # random crops (a larger resize); None = split itself is framed as val and test are.
         self.plain_split = plain_split
@@ -221,7 +224,7 @@ class CachedBatches:
 
         if self.images is not None:
             source = map(lambda batch: augment(*batch), self._device_batches())
-        elif self.device.type == "cpu":
+        elif self.augment_ahead and self.device.type == "cpu":
             # The batches are made in order on one thread, so each draws what it drew on the
             # main thread: the same seeded run gives the same numbers.
             source = self._host_batches(prepare=augment)
