@@ -183,3 +183,18 @@ def test_fp16_with_an_enabled_scaler_saves_and_resumes_its_state(tiny_data, tmp_
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["scaler"] and last["scaler"]["scale"] > 0
     assert trainA.main(["--resume", str(run_dir / "last.pt"), "-e", "2", "--num_workers", "0"]) == 0
+
+
+@pytest.mark.parametrize("cap,bf16", [("", True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                                      ("AVX512_CORE_AMX", True), ("ALL", True)])
+def test_an_instruction_set_cap_below_bf16_reads_as_a_cpu_without_bf16_units(monkeypatch, cap, bf16):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how benchmarks/README.md stands in for an AVX2-only CPU) leaves bf16
+    emulated: --amp auto must then pick fp32, and the benchmark header say so. Channels-last stays
+    on for every CPU."""
+    monkeypatch.setattr(utils.runtime, "_cpuinfo", lambda: "model name\t: Some Xeon\nflags\t\t: avx2 avx512_bf16 amx_bf16\n")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu = torch.device("cpu")
+    assert utils.runtime.cpu_has_bf16() is bf16
+    assert utils.runtime.autocast_dtype(cpu, "auto") == (torch.bfloat16 if bf16 else None)
+    assert utils.runtime.use_channels_last(cpu, "auto")
+    assert ("runs as without bf16 units" in utils.runtime.cpu_description()) is (not bf16)
