@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
 import urllib.error
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,12 +148,41 @@ def _torchvision_download(weights) -> dict:
         ) from None
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, found in one try (DNS or connect, 5 s at most),
+    or None. Without it, timm's download retries for about a minute before failing. Not asked
+    behind a proxy (a direct connection may fail where the proxy works) or in offline mode."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE")):
+        return None
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as error:
+        return f"{host} cannot be reached: {error.strerror or error}"
+    return None
+
+
+def _hub_cached_file(hub_id: str) -> str | None:
+    """The weights file of hub_id already in the local Hugging Face cache, if there is one."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
 def _timm_pretrained(name: str) -> nn.Module:
     timm = _timm()
     cfg = timm_pretrained_cfg(name)
     hub_id, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
     where = f"hf-hub:{hub_id}" if hub_id else url or "nowhere"
     try:
+        if hub_id and (reason := _hub_unreachable()):
+            if (cached := _hub_cached_file(hub_id)) is None:
+                raise OSError(f"no network: {reason}")
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=cached))
         return timm.create_model(name, pretrained=True)
     except Exception as error:  # noqa: BLE001 - the hub raises OSError, HTTP and its own errors alike
         raise WeightsUnavailable(

@@ -160,3 +160,52 @@ def test_a_timm_download_that_fails_is_one_line_naming_what_to_do(tiny_data, tmp
                       "--arch", ARCH, "--weights", "DEFAULT", "-is", "32", "--wandb_mode", "disabled")
     assert_one_line_error(result, f"could not download timm's weights of {ARCH}", "pass --weights PATH")
     assert not (tmp_path / "runs").exists()
+
+
+def _no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_without_a_network_timm_weights_fail_at_once_instead_of_retrying(monkeypatch):
+    """timm's hub download retries for about a minute with no network (50 s measured); one try
+    of the host decides, and the download is never started."""
+    import huggingface_hub
+    import timm
+
+    from models.weights import WeightsUnavailable, create_network
+
+    _no_network(monkeypatch)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    real, asked = timm.create_model, []
+
+    def recording(name, pretrained=False, **kwargs):
+        asked.append(pretrained)
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    with pytest.raises(WeightsUnavailable, match="huggingface.co cannot be reached.*pass --weights PATH"):
+        create_network("timm", ARCH, "DEFAULT")
+    assert True not in asked
+
+
+def test_without_a_network_timm_weights_already_downloaded_are_used(monkeypatch, tmp_path):
+    import huggingface_hub
+    import timm
+
+    from models.weights import create_network
+
+    torch.manual_seed(3)
+    saved = timm.create_model(ARCH).state_dict()
+    torch.save(saved, tmp_path / "pytorch_model.bin")
+    _no_network(monkeypatch)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, filename, **k: str(tmp_path / filename) if filename == "pytorch_model.bin" else None)
+    net = create_network("timm", ARCH, "DEFAULT")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
