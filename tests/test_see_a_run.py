@@ -154,3 +154,27 @@ def test_ctrl_c_while_curves_are_drawn_is_not_lost(tmp_path, monkeypatch):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, outer)
+
+
+def test_runs_of_both_scripts_get_a_table_each(tiny_data, tmp_path, capsys):
+    """trainA's and trainB's settings barely overlap: one table would hold every key of both
+    (dozens of columns, wrapped beyond reading); each script's runs get their own."""
+    import trainB
+
+    out = tmp_path / "runs"
+    common = ["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(out), "--num_workers", "0",
+              "--wandb_mode", "disabled", "--amp", "off", "--no_pictures", "-is", "32", "-b", "8"]
+    assert trainA.main([*common, *TINY_ARGS[:6], "--run_name", "a"]) == 0
+    b_args = ["--arch", "test_efficientnet", "--weights", "none", "--strategy", "freeze_all", "--probe_epochs", "2",
+              "--refit", "false"]
+    assert trainB.main([*common, *b_args, "--run_name", "b1", "-lr", "0.01"]) == 0
+    assert trainB.main([*common, *b_args, "--run_name", "b2", "-lr", "0.001"]) == 0
+    capsys.readouterr()
+    assert runs.main([str(out), "--csv", str(tmp_path / "t.csv")]) == 0
+    text = capsys.readouterr().out
+    a_part, b_part = text.split("trainB runs:")
+    assert a_part.startswith("trainA runs:") and "arch" not in a_part
+    b_header = b_part.strip().splitlines()[0].split()
+    assert "lr" in b_header and "num_filters" not in b_header and "arch" not in b_header  # the same arch: not listed
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert len(list(csv.reader(f))) == 4  # the CSV keeps every run in one table

@@ -6,8 +6,9 @@
 
 Columns: name, script, state (finished / interrupted / running / failed / lr_find), epochs done (epochs_done), best
 val_accuracy and its epoch, test_accuracy, mean train img/s, then the config keys whose values
-differ between the listed runs. Sorted by best val_accuracy. A broken or partial run directory
-is listed with what could be read, never a traceback.
+differ between the listed runs. Sorted by best val_accuracy; runs of trainA and trainB are listed
+in a table each (each with its own differing keys), the CSV holds them all. A broken or partial
+run directory is listed with what could be read, never a traceback.
 """
 
 from __future__ import annotations
@@ -155,6 +156,13 @@ def table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def print_table(header: list[str], body: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in body:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.runs_table", description="Compare run directories.")
     parser.add_argument("dirs", nargs="*", default=["runs"], help="run directories or folders of them (default: runs)")
@@ -164,11 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"no run directories in {', '.join(args.dirs)}", file=sys.stderr)
         return 1
+    scripts = sorted({r.values["script"] for r in runs} - {"?"})
+    if len(scripts) < 2:
+        print_table(*table(runs))
+    else:  # a table per script: trainA's and trainB's settings have little in common
+        groups = [(f"{script} runs:", [r for r in runs if r.values["script"] == script]) for script in scripts]
+        groups.append(("runs whose config.json cannot be read:", [r for r in runs if r.values["script"] == "?"]))
+        for index, (title, rows) in enumerate(g for g in groups if g[1]):
+            print(f"{chr(10) if index else ''}{title}")
+            print_table(*table(rows))
     header, body = table(runs)
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for r in body:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.writer(f)
