@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import sys
 from typing import Callable, Literal
@@ -65,6 +67,16 @@ class NatureData(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def fingerprint(self) -> list:
+        """[image count, digest of the files (names under the split's folder, sizes)]: kept in
+        last.pt, so a --resume can tell that the images of a split are no longer the same."""
+        digest = hashlib.sha1()
+        for sample in sorted(self.samples, key=lambda s: s.path):
+            digest.update(os.fsencode(os.path.relpath(sample.path, self.root)) + b"\0")
+            with contextlib.suppress(OSError):
+                digest.update(str(os.stat(sample.path).st_size).encode())
+        return [len(self.samples), digest.hexdigest()[:16]]
 
     def load(self, index: int):
         """The decoded RGB PIL image, before transforms (raises OSError if unreadable)."""

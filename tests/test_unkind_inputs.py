@@ -328,3 +328,15 @@ def test_test_images_copied_from_train_are_named_as_a_leak(tiny_data, tmp_path, 
     assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", "--output_dir", str(tmp_path / "leaky"), *TINY_ARGS]) == 0
     err = capsys.readouterr().err
     assert "warning: 2 test image(s) are byte-for-byte copies of training images" in err and "copy_0.jpg" in err
+
+
+def test_a_resume_on_train_images_that_changed_says_the_split_is_not_the_same(finished_run, tiny_data, capsys):
+    """Files added to (or removed from, or replaced in) train/ between a run and its --resume
+    change the stratified train/val split: the resume goes on, with one warning saying so."""
+    assert trainA.main(["--resume", str(finished_run / "last.pt"), "-e", "2", "--num_workers", "0"]) == 0
+    assert "not those of the run being resumed" not in capsys.readouterr().err  # unchanged: nothing said
+    write_image(tiny_data / "train" / "fungi" / "new_photo.jpg", (40, 180, 60), seed=42)
+    assert trainA.main(["--resume", str(finished_run / "last.pt"), "-e", "3", "--num_workers", "0"]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "not those of the run being resumed" in line]
+    assert len(warning) == 1 and "train: 24 then, 25 now" in warning[0] and "Traceback" not in err

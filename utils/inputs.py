@@ -37,6 +37,7 @@ class RunData:
     # computed for --probe_epochs: the feature cache reuses them instead of computing them again
     features: tuple | None = None
     frozen: object | None = None  # utils.features.FrozenFeatures: each split's features, once a run
+    splits: dict | None = None  # NatureData.fingerprint() of train and val, kept in last.pt
 
     @property
     def class_names(self) -> list[str]:
@@ -63,6 +64,8 @@ def load_data(run: Run) -> RunData:
     if run.checkpoint is not None and list(run.checkpoint["class_names"]) != classes:
         raise UsageError(f"the data's classes {classes} differ from those of the run being resumed "
                          f"{list(run.checkpoint['class_names'])}; point --data_dir at the data set it was trained on")
+    splits = {"train": train_set.fingerprint(), "val": val_set.fingerprint()}
+    warn_if_split_changed(run, splits)
     if len(val_set) == 0:
         raise UsageError("--val_fraction 0 leaves no validation images, which best.pt and early stopping need; "
                          "use --val_fraction 0.2")
@@ -75,7 +78,20 @@ def load_data(run: Run) -> RunData:
                 f"= '{leaks[0][1]}'): the test accuracy counts them as unseen; remove them from one folder",
                 file=sys.stderr)
     loaders = make_loaders(run, num_workers, train_set, val_set, test_set)
-    return RunData(train_set, val_set, test_set, loaders, num_workers)
+    return RunData(train_set, val_set, test_set, loaders, num_workers, splits=splits)
+
+
+def warn_if_split_changed(run: Run, splits: dict) -> None:
+    """A --resume whose train folder holds other images than when the run started: the train/val
+    split is drawn again from them, so val may now hold images the run trained on. Said, not
+    refused: adding photos to a run is a choice a user may make."""
+    then = (run.checkpoint or {}).get("splits")
+    if not then or then == splits:
+        return
+    counts = ", ".join(f"{name}: {then[name][0]} then, {splits[name][0]} now" for name in ("train", "val"))
+    run.say(f"warning: the train folder's images are not those of the run being resumed ({counts}; files added, "
+            "removed or replaced): the train/val split is drawn again, so val_accuracy may count images the run "
+            "trained on; start a new run for clean numbers", file=sys.stderr)
 
 
 def make_loaders(run: Run, num_workers: int, train_set, val_set, test_set) -> tuple:

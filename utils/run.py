@@ -94,7 +94,7 @@ def _in_run_dir(run: Run, run_dir: Path, model: nn.Module, data: RunData, run_na
                       resume_id=run.checkpoint.get("wandb_run_id", "") if run.checkpoint else "",
                       keep_through_epoch=state.epoch if state else None, is_main=main)
     meta = {"script": run.recipe.script, "config": config, "class_names": data.class_names,
-            "wandb_run_id": tracker.run_id, "format": 1}
+            "wandb_run_id": tracker.run_id, "format": 1, "splits": data.splits}
     describe(run, run_dir, data)
     inputs = fit_inputs(run, model, trained, data)
     if lr_find_steps:
