@@ -33,3 +33,40 @@ def test_two_runs_started_together_with_one_name_and_one_cache_both_finish_apart
     assert not leftovers
     arrays = sorted(p.name for p in cache.rglob("*.npy"))
     assert len(arrays) == len(set(arrays)) == 3  # train, val, test: once each
+
+
+def test_predict_while_a_run_writes_best_pt_reads_the_whole_old_file(tmp_path, tiny_data, monkeypatch, capsys):
+    """--predict started while training replaces best.pt: the new file is written beside it and
+    renamed over it in one step, so --predict reads the old best.pt whole, never half of the new one.
+    The moment is made, not hoped for: --predict runs inside the writer, just before the rename."""
+    import os
+
+    import torch
+
+    import trainA
+    import utils.checkpoint
+    from conftest import only_dir
+
+    out = tmp_path / "runs"
+    assert trainA.main(["--data_dir", str(tiny_data), "-e", "1", *TINY_ARGS, "--output_dir", str(out)]) == 0
+    best = only_dir(out) / "best.pt"
+    images = str(tiny_data / "val" / "fungi")
+    capsys.readouterr()
+    assert trainA.main(["--predict", images, "--checkpoint", str(best)]) == 0
+    before = capsys.readouterr().out
+    newer = torch.load(best, weights_only=True)
+    newer["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in newer["model"].items()}
+    real_replace, seen = os.replace, []
+
+    def replace_after_a_predict(src, dst):
+        if str(dst) == str(best):
+            assert trainA.main(["--predict", images, "--checkpoint", str(best)]) == 0
+            seen.append(capsys.readouterr().out)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(utils.checkpoint.os, "replace", replace_after_a_predict)
+    utils.checkpoint.atomic_torch_save(newer, best)
+    assert seen == [before]  # the old file, whole: the same predictions
+    monkeypatch.setattr(utils.checkpoint.os, "replace", real_replace)
+    assert trainA.main(["--predict", images, "--checkpoint", str(best)]) == 0  # and the new one loads
+    assert not [p for p in best.parent.iterdir() if ".tmp" in p.name]
