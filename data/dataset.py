@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
+import weakref
 from typing import Callable, Literal
 
 import torch
@@ -53,6 +56,7 @@ class NatureData(Dataset):
             samples = stratified_subset(train, train_fraction, seed) if split == "train" else val
             self.root = folders.train_dir
         self.split = split
+        self.reported_dir: str | None = None  # see report_once
         self.samples: list[Sample] = samples
         self.transform = transform
         # an unaugmented pass over these images (data.loaders.in_order) uses this one: the run's
@@ -87,11 +91,38 @@ class NatureData(Dataset):
         try:
             image = self.load(index)
         except UNREADABLE as error:
-            print(f"warning: skipping unreadable image '{sample.path}' ({error})", file=sys.stderr)
+            if first_report(self, sample.path):
+                print(f"warning: skipping unreadable image '{sample.path}' ({error})", file=sys.stderr)
             return None
         if self.transform is not None:
             image = self.transform(image)
         return image, sample.label
+
+
+def report_once(dataset: NatureData) -> NatureData:
+    """Name each unreadable file of dataset once, not on every pass: DataLoader worker processes
+    are started again every epoch and share no memory, so the files already named are marked in a
+    folder of empty files (removed when this process ends)."""
+    if getattr(dataset, "reported_dir", None) is None:
+        folder = tempfile.mkdtemp(prefix="inat12k-skipped-")
+        weakref.finalize(dataset, shutil.rmtree, folder, True)
+        dataset.reported_dir = folder
+    return dataset
+
+
+def first_report(dataset: NatureData, path: str) -> bool:
+    """True the first time path is reported among the processes sharing dataset's folder."""
+    folder = getattr(dataset, "reported_dir", None)
+    if folder is None:
+        return True
+    marker = os.path.join(folder, hashlib.sha1(os.fsencode(path)).hexdigest())
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # the folder is gone or unwritable: say it again rather than never
+        return True
+    return True
 
 
 def collate_skipping_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .augment import BatchAugment
 from .cache import DecodedSplit, to_tensor_batch
-from .dataset import collate_skipping_unreadable
+from .dataset import NatureData, collate_skipping_unreadable, report_once
 
 
 class ShardedBatchSampler:
@@ -64,7 +64,7 @@ def make_loader(dataset, batch_size: int, train: bool, device: torch.device, num
     generator = torch.Generator().manual_seed(seed)
     sampler = ShardedBatchSampler(len(dataset), batch_size, train, generator, rank, world)
     return DataLoader(
-        dataset,
+        report_once(dataset) if isinstance(dataset, NatureData) else dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
         # The generator (so the batch order) is the same on every rank; augmentation must not be.

@@ -1,12 +1,15 @@
 """The image files phones and the web give (issue 40, item 3): each is converted and trained on,
 or skipped with a warning naming it and why; never a crash in a loader, never a hang."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image, features
 
 import trainA
-from conftest import TINY_ARGS, make_dataset, write_image
+from conftest import ROOT, TINY_ARGS, make_dataset, write_image
 from data import load_rgb
 from data.decode import UNREADABLE
 
@@ -67,18 +70,26 @@ def test_each_odd_file_is_converted_to_rgb_or_refused_with_its_reason(tmp_path, 
     assert "exceeds" in reasons["huge.png"]
 
 
-@pytest.mark.parametrize("cache", ["auto", "off"])
+@pytest.mark.parametrize("cache,workers", [("auto", "0"), ("off", "0"), ("off", "2")])
 def test_a_folder_of_phone_and_web_formats_trains_and_names_each_skipped_file(tmp_path, capsys, small_bomb_limit,
-                                                                              cache):
+                                                                              cache, workers):
     root = make_dataset(tmp_path / "d", train_per_class=4)
     convertible, refused = write_odd_files(root / "train" / "fungi")
-    argv = ["--data_dir", str(root), "-e", "1", *TINY_ARGS, "--cache", cache, "--cache_dir", str(tmp_path / "c"),
-            "--output_dir", str(tmp_path / "runs")]
-    assert trainA.main(argv) == 0
-    err = capsys.readouterr().err
+    argv = ["--data_dir", str(root), "-e", "2", *TINY_ARGS, "--cache", cache, "--cache_dir", str(tmp_path / "c"),
+            "--output_dir", str(tmp_path / "runs"), "--num_workers", workers]
+    if workers == "0":
+        assert trainA.main(argv) == 0
+        err = capsys.readouterr().err
+    else:  # loader worker processes print to the real stderr: a process of its own, with the same limit
+        code = ("import sys; from PIL import Image; Image.MAX_IMAGE_PIXELS = 150_000; import trainA; "
+                "sys.exit(trainA.main(sys.argv[1:]))")
+        result = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr[-3000:]
+        err = result.stderr
     assert "Traceback" not in err
     warnings = [line for line in err.splitlines() if "skipping unreadable image" in line]
-    for name in refused:
-        assert any(f"{name}'" in line for line in warnings), (name, err[-2000:])
+    for name in refused:  # once each, though streaming reads every file again each epoch, in new workers
+        assert sum(f"{name}'" in line for line in warnings) == 1, (name, err[-2000:])
     for name in convertible:
         assert f"{name}'" not in err, name
